@@ -1,0 +1,1 @@
+"""TinyFusion library: runtime/DDP, checkpoint I/O, data stores, training loop, pruning, metrics."""

@@ -1,0 +1,167 @@
+"""Checkpoint I/O in one place.
+
+Reads official plain state dicts, training dicts ({'model', 'ema', 'opt', ...}; MAR's
+{'model', 'model_ema'}) and .safetensors files. Pickles are always opened with
+`weights_only=True`, so a checkpoint can never run code on load. Writes are atomic
+(temp file + rename), so a killed job never leaves a truncated checkpoint behind.
+"""
+import argparse
+import contextlib
+import os
+import pickle
+import re
+import tempfile
+
+import torch
+
+from .errors import UserError
+
+# Official DiT/SiT/TinyFusion training checkpoints store their argparse Namespace under 'args'.
+# A Namespace is a plain attribute bag (no code runs when it is rebuilt), so it is allowed.
+torch.serialization.add_safe_globals([argparse.Namespace])
+
+# Preference order when a file holds several copies of the weights: EMA first (what evaluation uses).
+WEIGHT_KEYS = ("ema", "model_ema", "model", "state_dict")
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside `path`; rename it over `path` only if the body succeeds."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=os.path.basename(path))
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _is_safetensors(path):
+    return os.fspath(path).endswith(".safetensors")
+
+
+def load_checkpoint(path):
+    """Load a whole checkpoint object (dict) safely; one clear error for missing or unsafe files."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} does not exist: check the path (or download the file first)")
+    if _is_safetensors(path):
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+        with safe_open(path, "pt") as f:
+            metadata = f.metadata() or {}
+        return {"state_dict": load_file(path), "metadata": metadata}
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"refusing to load {path}: it holds Python objects that could run code when unpickled "
+                        f"({first[:160]}); re-save it as a plain state dict or .safetensors from a trusted source")
+    except (RuntimeError, EOFError) as e:
+        raise UserError(f"cannot read checkpoint {path} ({str(e).splitlines()[0][:160]}): the file is not a "
+                        f"torch or safetensors checkpoint, or it is truncated")
+
+
+def extract_state_dict(obj, path="checkpoint"):
+    """The weights inside a loaded checkpoint: 'ema', then 'model_ema', 'model', 'state_dict', else the dict itself."""
+    if isinstance(obj, dict):
+        for key in WEIGHT_KEYS:
+            if isinstance(obj.get(key), dict):
+                return obj[key]
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return obj
+    raise UserError(f"{path} holds no state dict (looked for a plain dict of tensors or the keys "
+                    f"{', '.join(WEIGHT_KEYS)})")
+
+
+def read_weights(path):
+    """State dict (CPU tensors) of a weights file in any supported format."""
+    return extract_state_dict(load_checkpoint(path), path)
+
+
+def guess_family(state_dict):
+    if any(k.startswith("encoder_blocks.") for k in state_dict):
+        return "MAR"
+    if "x_embedder.proj.weight" in state_dict:
+        return "DiT/SiT"
+    return "unknown"
+
+
+def _summarize(keys, n=4):
+    """'blocks 14-27 (392 keys)' style summary: block indices are collapsed into ranges."""
+    keys = sorted(keys)
+    groups = {}
+    for k in keys:
+        m = re.match(r"^(.*?blocks)\.(\d+)\.", k)
+        if m:
+            groups.setdefault(m.group(1), set()).add(int(m.group(2)))
+    parts = [f"{name} {_ranges(sorted(idx))}" for name, idx in groups.items()]
+    rest = [k for k in keys if not re.match(r"^.*?blocks\.\d+\.", k)]
+    parts += rest[:n] + ([f"... {len(rest) - n} more"] if len(rest) > n else [])
+    return f"{len(keys)} keys: " + ", ".join(parts)
+
+
+def _ranges(idx):
+    out, start = [], idx[0]
+    for a, b in zip(idx, idx[1:] + [None]):
+        if b != a + 1:
+            out.append(f"{start}-{a}" if a > start else f"{a}")
+            start = b
+    return ",".join(out)
+
+
+def check_state_dict(model, state_dict, model_name, path):
+    """Raise one UserError naming missing / unexpected / wrong-shape keys if the weights do not fit."""
+    expected = model.state_dict()
+    family = getattr(model, "family", type(model).__name__)
+    got_family = guess_family(state_dict)
+    if got_family != "unknown" and family not in got_family:
+        raise UserError(f"{path} is a {got_family} checkpoint but --model {model_name} is a {family} model: "
+                        f"pick a {got_family} model name")
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    shapes = [k for k in expected if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)]
+    if not (missing or unexpected or shapes):
+        return
+    msg = [f"{path} does not fit {model_name} ({family}, depth {getattr(model, 'depth', '?')})"]
+    if missing:
+        msg.append(f"missing {_summarize(missing)}")
+    if unexpected:
+        msg.append(f"unexpected {_summarize(unexpected)}")
+    if shapes:
+        shown = ", ".join(f"{k} {tuple(state_dict[k].shape)} vs {tuple(expected[k].shape)}" for k in shapes[:3])
+        msg.append(f"wrong shape in {len(shapes)} keys: {shown}")
+        table = "y_embedder.embedding_table.weight"
+        if table in shapes:
+            msg.append(f"the checkpoint was trained with --num-classes {state_dict[table].shape[0] - 1}")
+    raise UserError("; ".join(msg) + ". Check --model (pruned checkpoints need their depth, e.g. DiT-D14/2), "
+                    "--image-size and --num-classes")
+
+
+def load_weights(model, path, model_name=None):
+    """Load a weights file into `model` strictly, with a clear error on any mismatch. Returns the model."""
+    state_dict = read_weights(path)
+    check_state_dict(model, state_dict, model_name or type(model).__name__, path)
+    model.load_state_dict(state_dict, strict=True)
+    return model
+
+
+def save_weights(state_dict, path, metadata=None):
+    """Write a plain state dict (official format, .pt) or .safetensors (with string metadata), atomically."""
+    state_dict = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    with atomic_path(path) as tmp:
+        if _is_safetensors(path):
+            from safetensors.torch import save_file
+            save_file({k: v.clone() for k, v in state_dict.items()}, tmp,
+                      metadata={k: str(v) for k, v in (metadata or {}).items()})
+        else:
+            torch.save(state_dict, tmp)
+
+
+def save_checkpoint(obj, path):
+    """Write a training checkpoint dict ({'model', 'ema', 'opt', ...}) atomically with torch.save."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)

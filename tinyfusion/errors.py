@@ -1,0 +1,18 @@
+"""User-facing errors: one clear line that says what is wrong and how to fix it."""
+import sys
+
+
+class UserError(Exception):
+    """Bad input from the user (flags, files, configs). Scripts print it as one line and exit 2."""
+
+
+def run_main(main, *args, **kwargs):
+    """Run a script's `main`, turning a UserError into `error: <message>` on stderr and exit 2.
+
+    Usage at the bottom of a script: `if __name__ == "__main__": run_main(main)`.
+    """
+    try:
+        return main(*args, **kwargs)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
