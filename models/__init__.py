@@ -18,3 +18,5 @@ def family_of(name):
 def build_model(name, **kwargs):
     """Build a registry model by name, e.g. build_model('DiT-XL/2', input_size=32)."""
     return REGISTRIES[family_of(name)][name](**kwargs)
+from .mar import MAR, MAR_models
+REGISTRIES["MAR"] = MAR_models

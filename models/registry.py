@@ -55,8 +55,9 @@ def _constructor(cls, size, patch, depth=None):
     base_depth, hidden, heads = SIZES[size]
 
     def build(**kwargs):
-        kwargs.setdefault("depth", depth or base_depth)
-        return cls(patch_size=patch, hidden_size=hidden, num_heads=heads, **kwargs)
+        # Keywords override the named size, so tests and demos can shrink any preset.
+        config = dict(depth=depth or base_depth, patch_size=patch, hidden_size=hidden, num_heads=heads)
+        return cls(**{**config, **kwargs})
 
     build.__name__ = f"{cls.__name__}_{size}_{patch}"
     return build

@@ -1,0 +1,40 @@
+"""Evaluate a sample batch against a reference batch with ADM's suite (IS, FID, sFID, Precision, Recall).
+
+A PyTorch port of guided-diffusion's `evaluations/evaluator.py` (TF1): same Inception graph (converted
+weights), same resize, features and metric numerics. Example:
+
+    python evaluator.py VIRTUAL_imagenet256_labeled.npz samples/DiT-XL-2.npz \
+        --inception-weights pt_inception-2015-12-05-6726825d.pth
+"""
+import argparse
+import json
+
+import torch
+
+from tinyfusion.errors import run_main
+from tinyfusion.inception import WEIGHTS_ENV, InceptionExtractor, load_inception
+from tinyfusion.metrics import evaluate, format_report
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("ref_batch", help="reference batch npz (arr_0 images and/or mu, sigma, mu_s, sigma_s)")
+    parser.add_argument("sample_batch", help="sample batch npz (arr_0: uint8 N x H x W x 3)")
+    parser.add_argument("--inception-weights", default=None,
+                        help=f"pytorch-fid Inception weights (.pth); default ${WEIGHTS_ENV}")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", default=None, help="also write the metrics to this JSON file")
+    args = parser.parse_args()
+
+    extractor = InceptionExtractor(load_inception(args.inception_weights), args.device)
+    results = evaluate(args.ref_batch, args.sample_batch, extractor, batch_size=args.batch_size,
+                       device=args.device, progress=True, log=print)
+    print(format_report(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    run_main(main)

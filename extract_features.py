@@ -1,0 +1,55 @@
+"""
+Encode an ImageFolder with the SD VAE into a sharded, memory-mapped feature store for fast training.
+
+    torchrun --nproc_per_node=8 extract_features.py --data-path data/imagenet/train \
+        --features-path data/imagenet_encoded --image-size 256 --vae ema
+
+Each entry holds the latent of the image and of its horizontal flip. Killed runs resume where they
+stopped (finished shards are kept), and the result does not depend on the number of processes.
+Format: see tinyfusion/data.py. Training scripts read it (and the TinyFusion/fast-DiT and MAR
+layouts) with tinyfusion.data.open_feature_store.
+"""
+import argparse
+
+from tinyfusion.errors import UserError, run_main
+from tinyfusion.features import extract_features
+from tinyfusion.runtime import setup_runtime
+
+
+def main(args):
+    if args.model is not None:  # accepted for the reference's command line; only checked
+        from models import family_of
+        family_of(args.model)
+    rt = setup_runtime(args.device)
+    try:
+        batch_size = rt.per_rank(args.global_batch_size) if args.global_batch_size else args.batch_size
+        if batch_size < 1:
+            raise UserError(f"batch size {batch_size} must be >= 1")
+        extract_features(args.data_path, args.features_path, image_size=args.image_size, vae=args.vae,
+                         batch_size=batch_size, num_workers=args.num_workers, global_seed=args.global_seed,
+                         dtype=args.dtype, store=args.store, shard_size=args.shard_size, limit=args.limit,
+                         channels=args.channels, runtime=rt)
+    finally:
+        rt.shutdown()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--data-path", type=str, required=True, help="ImageFolder root (one subfolder per class)")
+    parser.add_argument("--features-path", "--feature-path", type=str, required=True, help="output store folder")
+    parser.add_argument("--model", type=str, default=None, help="accepted for compatibility; only validated")
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--vae", type=str, default="ema", help="ema | mse | <hub id> | <local folder> | none")
+    batch = parser.add_mutually_exclusive_group()
+    batch.add_argument("--global-batch-size", type=int, default=None, help="split over the processes")
+    batch.add_argument("--batch-size", type=int, default=32, help="images per process and step")
+    parser.add_argument("--num-workers", type=int, default=4)
+    parser.add_argument("--global-seed", type=int, default=0, help="seeds the VAE posterior samples")
+    parser.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="storage precision")
+    parser.add_argument("--store", choices=["latents", "moments"], default="latents",
+                        help="latents: one sample x scale (reference); moments: mean|logvar, resampled per read (MAR)")
+    parser.add_argument("--shard-size", type=int, default=50_000, help="images per shard")
+    parser.add_argument("--limit", type=int, default=None, help="encode only N images, evenly spaced over the folder")
+    parser.add_argument("--channels", type=int, choices=[1, 3], default=3, help="1 = grayscale (with --vae none)")
+    parser.add_argument("--device", type=str, default=None, help="cuda | cpu (default: cuda when available)")
+    run_main(main, parser.parse_args())

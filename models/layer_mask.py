@@ -1,0 +1,301 @@
+"""Learnable N:M layer masks (TinyFusion's depth-pruning search), for any model with `block_lists`.
+
+The L blocks (the `block_lists` ModuleLists concatenated in order) are split into consecutive
+groups with a pattern N:M (keep N of M). For each group all C(M, N) keep-masks are enumerated
+(itertools.combinations order) and a learnable logit vector over them, initialised to the
+constant 0.02, defines a categorical distribution. Training draws, per sample, a hard
+Gumbel-softmax one-hot over the options from logits*scaling at temperature tau (straight-through:
+the forward value is exactly one-hot, the backward pass takes the softmax's gradient), and the
+block mask is one-hot @ options. A masked block computes m*block(x) + (1-m)*x, which is exact
+for m in {0, 1}, so a pinned mask reproduces the pruned model bit for bit up to float rounding.
+
+`attach_layer_mask` keeps every parameter name (blocks are re-classed, not wrapped), so LoRA,
+EMA (deepcopy) and DDP work unchanged; the mask itself lives at `model.layer_mask`.
+"""
+import contextlib
+import functools
+import itertools
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tinyfusion.errors import UserError
+
+# name: (base registry model, groups). The DiT names are the reference's; SiT and MAR mirror them.
+_DIT_PATTERNS = {
+    "XL-1-2": ("XL/2", [[1, 2]] * 14),   # -> D14
+    "XL-2-4": ("XL/2", [[2, 4]] * 7),    # -> D14
+    "XL-7-14": ("XL/2", [[7, 14]] * 2),  # -> D14 (3,432 options per group)
+    "XL-1-4": ("XL/2", [[1, 4]] * 7),    # -> D7
+    "D14-1-2": ("D14/2", [[1, 2]] * 7),  # -> D7
+    "D14-2-4": ("D14/2", [[2, 4]] * 3 + [[1, 2]]),  # -> D7 (14 = 3*4 + 2)
+}
+PRESETS = {f"{fam}-{k}": (f"{fam}-{base}", groups)
+           for fam in ("DiT", "SiT") for k, (base, groups) in _DIT_PATTERNS.items()}
+# MAR: encoder and decoder blocks concatenated (B 12+12, L 16+16, H 20+20); 1:2 groups never cross the boundary.
+PRESETS.update({f"MAR-{s}-1-2": (f"MAR-{s}", [[1, 2]] * n) for s, n in (("B", 12), ("L", 16), ("H", 20))})
+
+
+def resolve_preset(name):
+    """(base model name, groups) of a preset such as 'DiT-XL-1-2' (the reference's 'DiT_XL_1_2' also works)."""
+    key = name.replace("_", "-") if isinstance(name, str) else name
+    if key not in PRESETS:
+        raise UserError(f"unknown pruning preset {name!r}: choose one of {', '.join(PRESETS)}, "
+                        f"or give a registry model with explicit groups")
+    base, groups = PRESETS[key]
+    return base, [list(g) for g in groups]
+
+
+def is_preset(name):
+    return isinstance(name, str) and name.replace("_", "-") in PRESETS
+
+
+def parse_groups(spec, depth):
+    """Validated [(N, M), ...] from a list of pairs, a string '[[2,4],[3,4]]', or 'N:M' (repeated over depth)."""
+    if isinstance(spec, str):
+        text = spec.strip()
+        if ":" in text and "[" not in text:
+            try:
+                n, m = (int(v) for v in text.split(":"))
+            except ValueError:
+                raise UserError(f"groups {spec!r}: write a pattern as 'N:M' (e.g. 1:2) or a list like '[[2,4],[2,4]]'")
+            if m < 1 or depth % m:
+                raise UserError(f"groups {spec!r}: M={m} does not divide the depth {depth}; give an explicit list")
+            spec = [[n, m]] * (depth // m)
+        else:
+            import json
+            try:
+                spec = json.loads(text)
+            except ValueError:
+                raise UserError(f"groups {spec!r} is not a list of [N, M] pairs such as '[[2,4],[2,4],[3,4]]'")
+    if not isinstance(spec, (list, tuple)) or not spec or not all(
+            isinstance(g, (list, tuple)) and len(g) == 2 and all(type(v) is int for v in g) for g in spec):
+        raise UserError(f"groups {spec!r} must be a non-empty list of [N, M] integer pairs such as [[1,2],[1,2]]")
+    groups = [(int(n), int(m)) for n, m in spec]
+    for i, (n, m) in enumerate(groups):
+        if not 1 <= n <= m:
+            raise UserError(f"group {i} is {n}:{m}: each group must keep 1 <= N <= M blocks")
+    total = sum(m for _, m in groups)
+    if total != depth:
+        raise UserError(f"groups cover {total} blocks (sum of M) but the model has depth {depth}: "
+                        f"make the M values sum to {depth}")
+    return groups
+
+
+def model_blocks(model):
+    """The prunable residual blocks of `model`, concatenated over `model.block_lists` in execution order."""
+    return [block for name in model.block_lists for block in getattr(model, name)]
+
+
+class LayerMask(nn.Module):
+    """Categorical distributions over the N:M keep-masks of consecutive block groups."""
+
+    def __init__(self, groups, tau=4.0, scaling=100.0, init=0.02):
+        super().__init__()
+        self.groups = parse_groups([list(g) for g in groups], sum(int(m) for _, m in groups))
+        self.tau, self.scaling = tau, scaling
+        combos = [list(itertools.combinations(range(m), n)) for n, m in self.groups]
+        self.logits = nn.ParameterList([nn.Parameter(torch.full((len(c),), float(init))) for c in combos])
+        self._combos = combos
+        # All groups padded to (G, Cmax, Mmax) so a whole batch is sampled in one computation.
+        c_max, m_max = max(len(c) for c in combos), max(m for _, m in self.groups)
+        options = torch.zeros(len(combos), c_max, m_max)
+        for g, cs in enumerate(combos):
+            for c, kept in enumerate(cs):
+                options[g, c, list(kept)] = 1.0
+        layout = [g * m_max + j for g, (_, m) in enumerate(self.groups) for j in range(m)]
+        self.register_buffer("options", options, persistent=False)
+        self.register_buffer("layout", torch.tensor(layout), persistent=False)
+        self.register_buffer("fixed", None, persistent=False)
+        self.current = None   # the (B, depth) masks of the forward pass in progress
+        self._pinned = None   # set by the `masks` context
+        self.generator = None  # optional torch.Generator for the Gumbel noise drawn in forward passes
+
+    def __getstate__(self):
+        # deepcopy (EMA copies) must not carry the in-flight masks: they are non-leaf graph tensors.
+        return {**super().__getstate__(), "current": None, "generator": None}
+
+    @property
+    def depth(self):
+        return sum(m for _, m in self.groups)
+
+    def extra_repr(self):
+        return f"groups={self.groups}, tau={self.tau}, scaling={self.scaling}"
+
+    def set_schedule(self, step, total_steps, tau_range=(4.0, 0.1), scaling_range=(100.0, 100.0)):
+        """The reference's linear schedules: value = start + (end - start) * step / max(total_steps - 1, 1)."""
+        f = step / max(total_steps - 1, 1)
+        self.tau = tau_range[0] + (tau_range[1] - tau_range[0]) * f
+        self.scaling = scaling_range[0] + (scaling_range[1] - scaling_range[0]) * f
+
+    def _padded_logits(self):
+        c_max = self.options.shape[1]
+        return torch.stack([F.pad(l.float() * self.scaling, (0, c_max - l.numel()), value=-math.inf)
+                            for l in self.logits])
+
+    def _masks_from_onehot(self, onehot):
+        """(B, G, Cmax) one-hot (or straight-through) option weights -> (B, depth) block masks."""
+        per_group = (onehot.unsqueeze(-1) * self.options).sum(-2)  # (B, G, Mmax); elementwise keeps 0/1 exact
+        return per_group.flatten(1)[:, self.layout]
+
+    def choice(self):
+        """The argmax option index of each group."""
+        return [int(l.argmax()) for l in self.logits]
+
+    def _choice_masks(self, choice):
+        onehot = torch.zeros(1, *self.options.shape[:2], device=self.options.device)
+        onehot[0, torch.arange(len(choice)), torch.tensor(choice)] = 1.0
+        return self._masks_from_onehot(onehot)[0]
+
+    def sample(self, batch_size, generator=None):
+        """(batch, depth) hard masks: Gumbel straight-through in training, the argmax option in eval,
+        or the pinned one after `fix`."""
+        if self.fixed is not None:
+            return self.fixed.expand(batch_size, -1)
+        if not self.training:
+            return self._choice_masks(self.choice()).expand(batch_size, -1)
+        logits = self._padded_logits()  # (G, Cmax)
+        exp = torch.empty((batch_size, *logits.shape), device=logits.device).exponential_(generator=generator)
+        gumbel = -exp.clamp_min(torch.finfo(exp.dtype).tiny).log()
+        soft = torch.softmax((logits + gumbel) / self.tau, dim=-1)
+        hard = F.one_hot(soft.argmax(-1), soft.shape[-1]).to(soft.dtype)
+        # Straight-through: exactly `hard` in value (soft - soft.detach() is exactly 0), softmax gradient.
+        return self._masks_from_onehot(hard + (soft - soft.detach()))
+
+    def decision(self):
+        """Kept global block indices (argmax option of every group), ascending."""
+        kept, offset = [], 0
+        for (_, m), cs, c in zip(self.groups, self._combos, self.choice()):
+            kept += [offset + j for j in cs[c]]
+            offset += m
+        return kept
+
+    def probabilities(self):
+        return [torch.softmax(l.detach().float() * self.scaling, 0) for l in self.logits]
+
+    def confidence(self):
+        """Per-group max softmax probability of logits*scaling (1.0 = converged)."""
+        return [float(p.max()) for p in self.probabilities()]
+
+    def summary(self):
+        """One log line: the current decision and per-group confidence."""
+        return f"decision {self.decision()} confidence [{', '.join(f'{c:.3f}' for c in self.confidence())}]"
+
+    def choice_for_kept(self, kept):
+        """Per-group option indices that keep exactly the global indices `kept`."""
+        kept, choice, offset = set(int(k) for k in kept), [], 0
+        for g, ((n, m), cs) in enumerate(zip(self.groups, self._combos)):
+            local = tuple(j for j in range(m) if offset + j in kept)
+            if local not in cs:
+                raise UserError(f"kept blocks {[offset + j for j in local]} do not fit group {g} ({n}:{m}, "
+                                f"blocks {offset}-{offset + m - 1}): keep exactly {n} of them")
+            choice.append(cs.index(local))
+            offset += m
+        return choice
+
+    @torch.no_grad()
+    def fix(self, choice):
+        """Pin one option per group (list of option indices, see `choice_for_kept`); None unpins."""
+        if choice is None:
+            self.fixed = None
+            return
+        if len(choice) != len(self.groups) or any(not 0 <= c < len(cs) for c, cs in zip(choice, self._combos)):
+            raise UserError(f"fixed choice {list(choice)} needs one option index per group "
+                            f"(group sizes {[len(cs) for cs in self._combos]})")
+        self.fixed = self._choice_masks(list(choice))
+
+    @contextlib.contextmanager
+    def masks(self, m):
+        """Run forward passes with given masks: (depth,) or (B, depth), any 0/1 values (not only N:M ones)."""
+        m = torch.as_tensor(m, dtype=torch.float32, device=self.options.device)
+        if m.shape[-1] != self.depth:
+            raise ValueError(f"masks have {m.shape[-1]} entries, the model has {self.depth} blocks")
+        previous, self._pinned = self._pinned, m
+        try:
+            yield self
+        finally:
+            self._pinned = previous
+
+    def block_mask(self, index, x):
+        """Mask of global block `index` for input x, shaped (B, 1, ...); draws the pass's masks on first use."""
+        if self.current is None:
+            if self._pinned is not None:
+                self.current = self._pinned.expand(x.shape[0], -1)
+            else:
+                self.current = self.sample(x.shape[0], self.generator)
+        m = self.current[:, index].to(x.dtype)
+        return m.view(-1, *([1] * (x.dim() - 1)))
+
+
+# Methods that start a pass through the blocks: each one draws fresh masks. MAR routes every pass
+# (training, KD features, each sampling step) through `forward_pass`; DiT/SiT through `forward`.
+PASS_METHODS = ("forward", "forward_pass")
+
+
+def _fresh_masks(method):
+    @functools.wraps(method)
+    def start_pass(self, *args, **kwargs):
+        self.layer_mask.current = None  # drawn by the first block; kept for activation recomputation
+        return method(self, *args, **kwargs)
+    return start_pass
+
+
+class _MaskedBlock:
+    """Mixin placed in front of a block's class: out = m*block(x) + (1-m)*x with the per-sample mask m."""
+
+    def forward(self, x, *args, **kwargs):
+        layer_mask, index = self._layer_mask_slot
+        m = layer_mask.block_mask(index, x)
+        if not m.requires_grad:  # pinned / eval / no_grad: skipping is exact because the block is residual
+            if not bool((m != 0).any()):
+                return x
+            if bool((m == 1).all()):
+                return super().forward(x, *args, **kwargs)
+        return m * super().forward(x, *args, **kwargs) + (1 - m) * x
+
+
+_CLASS_CACHE = {}
+
+
+def _masked_class(cls, model):
+    """A subclass of `cls` (cached) that masks a block, or that starts a fresh mask draw per pass."""
+    if (cls, model) not in _CLASS_CACHE:
+        if model:
+            bases, ns = (cls,), {n: _fresh_masks(getattr(cls, n)) for n in PASS_METHODS if hasattr(cls, n)}
+        else:
+            bases, ns = (_MaskedBlock, cls), {}
+        _CLASS_CACHE[cls, model] = type(f"Masked{cls.__name__}", bases, {**ns, "_unmasked_class": cls})
+    return _CLASS_CACHE[cls, model]
+
+
+def attach_layer_mask(model, layer_mask):
+    """Make every block of `model` masked by `layer_mask` (registered as `model.layer_mask`). Returns model."""
+    blocks = model_blocks(model)
+    if hasattr(model, "_unmasked_class"):
+        raise ValueError("the model already has a layer mask: call detach_layer_mask first")
+    if layer_mask.depth != len(blocks):
+        raise UserError(f"the pruning groups cover {layer_mask.depth} blocks but the model has {len(blocks)}")
+    layer_mask.to(next(model.parameters()).device).train(model.training)
+    model.layer_mask = layer_mask
+    model.__class__ = _masked_class(type(model), model=True)
+    for i, block in enumerate(blocks):
+        block.__class__ = _masked_class(type(block), model=False)
+        # A plain attribute, not a submodule: parameter names stay official; deepcopy maps it to the copy's mask.
+        object.__setattr__(block, "_layer_mask_slot", (layer_mask, i))
+    return model
+
+
+def detach_layer_mask(model):
+    """Undo `attach_layer_mask`: plain blocks and model class, no `layer_mask` submodule. Returns the mask."""
+    if not hasattr(model, "_unmasked_class"):
+        return None
+    layer_mask = model.layer_mask
+    for block in model_blocks(model):
+        block.__class__ = block._unmasked_class
+        del block.__dict__["_layer_mask_slot"]
+    model.__class__ = model._unmasked_class
+    del model.layer_mask
+    layer_mask.current = None
+    return layer_mask

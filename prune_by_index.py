@@ -1,0 +1,65 @@
+"""Prune a DiT/SiT/MAR to a given list of kept blocks (e.g. the BK-SDM "oracle" scheme).
+
+    python prune_by_index.py --model DiT-XL/2 --ckpt pretrained/DiT-XL-2-256x256.pt \
+        --kept-indices "[0, 2, 4, 6, 8, 10, 12, 15, 17, 19, 21, 23, 25, 27]" --save-model outputs/pruned/DiT-D14-Oracle.pt
+
+Writes the original weights of the kept blocks, renumbered (loadable by the printed model name,
+here DiT-D14/2), and a .json record beside them. The checkpoint is checked strictly against
+--model on the meta device, so no full-size model is ever allocated.
+"""
+import argparse
+
+import torch
+
+from models import build_model
+from tinyfusion.checkpoint import check_state_dict, read_weights
+from tinyfusion.errors import UserError, run_main
+from tinyfusion.pruning import ORACLE_KEPT, parse_kept_indices, write_pruned
+
+
+def model_kwargs(args):
+    """Constructor keywords of --model for the image size / classes (MAR takes img_size and class_num)."""
+    if args.image_size % 8:
+        raise UserError(f"--image-size {args.image_size} is not divisible by 8 (the VAE's downsampling)")
+    if args.model.startswith("MAR"):
+        return dict(img_size=args.image_size, class_num=args.num_classes)
+    return dict(input_size=args.image_size // 8, num_classes=args.num_classes)
+
+
+def main(args):
+    kwargs = model_kwargs(args)
+    with torch.device("meta"):
+        model = build_model(args.model, **kwargs)
+    depth = model.depth
+    if (args.kept_indices is None) == (args.preset is None):
+        raise UserError("give exactly one of --kept-indices \"[...]\" and --preset oracle")
+    if args.preset is not None:
+        if depth not in ORACLE_KEPT:
+            raise UserError(f"--preset oracle is defined for depth {', '.join(map(str, ORACLE_KEPT))} "
+                            f"(DiT/SiT-XL -> D14), not for {args.model} with depth {depth}")
+        kept = ORACLE_KEPT[depth]
+    else:
+        kept = parse_kept_indices(args.kept_indices, depth)
+    state_dict = read_weights(args.ckpt)
+    check_state_dict(model, state_dict, args.model, args.ckpt)  # what load_weights checks, without allocating
+    name, record = write_pruned(args.save_model, args.model, args.ckpt, state_dict, model.block_lists, kept,
+                                method=args.preset or "index", model_kwargs=kwargs)
+    print(f"kept {record['kept']}\nremoved {record['removed']}")
+    print(f"saved {name} ({len(kept)} of {depth} blocks) to {args.save_model}; load it with --model {name}")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", type=str, default="DiT-XL/2")
+    parser.add_argument("--ckpt", type=str, required=True)
+    parser.add_argument("--kept-indices", type=str, default=None, help='e.g. "[0, 2, 4, 6]"')
+    parser.add_argument("--preset", type=str, choices=["oracle"], default=None,
+                        help="oracle: BK-SDM's XL->D14 list [0,2,4,...,12,15,17,...,27]")
+    parser.add_argument("--save-model", type=str, required=True)
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--num-classes", type=int, default=1000)
+    return parser
+
+
+if __name__ == "__main__":
+    run_main(lambda: main(build_parser().parse_args()))

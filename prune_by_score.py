@@ -1,0 +1,103 @@
+"""Prune a DiT/SiT by a per-block importance score (ShortGPT's BI by default).
+
+    python prune_by_score.py --model DiT-XL/2 --ckpt pretrained/DiT-XL-2-256x256.pt \
+        --save-model outputs/pruned/DiT-D14-Score.pt --n-pruned 14 --data-path data/imagenet_encoded
+
+Methods (higher importance = keep; the last block is never removed):
+  bi             1 - mean cosine similarity between a block's input and output tokens (ShortGPT)
+  sensitivity    calibration-loss increase when the block alone is skipped (same t and noise for all)
+  output-error   MSE of the model output when the block alone is skipped
+  magnitude      mean |weight| of the block;  random: seeded random scores
+Calibration uses --calib-batches x --batch-size real latents (a seeded random subset of the feature
+store at --data-path, default data/imagenet_encoded as in the README) with random t, the same t and
+noise for every candidate; --calib-random uses Gaussian latents instead (smoke tests only).
+"""
+import argparse
+
+import torch
+
+from models import build_model, family_of
+from tinyfusion.checkpoint import load_weights
+from tinyfusion.errors import UserError, run_main
+from tinyfusion.objectives import add_transport_args, make_objective
+from tinyfusion.pruning import SCORE_METHODS, check_n_pruned, choose_removed, score_blocks, write_pruned
+from tinyfusion.runtime import setup_runtime
+
+
+def calibration_batches(args, latent_shape, device):
+    """A list of (x, y) batches on `device`: a seeded random subset of the feature store, or noise."""
+    g = torch.Generator().manual_seed(args.seed)
+    n = args.calib_batches * args.batch_size
+    if args.calib_random:
+        xs, ys = torch.randn((n, *latent_shape), generator=g), torch.randint(0, args.num_classes, (n,), generator=g)
+    else:
+        from tinyfusion.data import open_feature_store
+        store = open_feature_store(args.data_path)
+        store.check_latent_shape(latent_shape, args.model)
+        store.check_num_classes(args.num_classes)
+        if len(store) < n:
+            raise UserError(f"feature store {args.data_path} has {len(store)} latents, fewer than "
+                            f"--calib-batches x --batch-size = {n}: lower them")
+        items = [store[int(i)] for i in torch.randperm(len(store), generator=g)[:n]]
+        xs, ys = torch.stack([x for x, _ in items]), torch.stack([y for _, y in items])
+    return [(xs[i:i + args.batch_size].to(device), ys[i:i + args.batch_size].to(device))
+            for i in range(0, n, args.batch_size)]
+
+
+def main(args):
+    if args.image_size % 8:
+        raise UserError(f"--image-size {args.image_size} is not divisible by 8 (the VAE's downsampling)")
+    family = family_of(args.model)
+    if family not in ("DiT", "SiT"):
+        raise UserError(f"prune_by_score supports DiT and SiT models, not {args.model}; use prune_by_index.py")
+    if args.calib_batches < 1 or args.batch_size < 1:
+        raise UserError("--calib-batches and --batch-size must be at least 1")
+    kwargs = dict(input_size=args.image_size // 8, num_classes=args.num_classes)
+    with torch.device("meta"):
+        meta = build_model(args.model, **kwargs)
+    depth, latent_shape = meta.depth, (meta.in_channels, meta.input_size, meta.input_size)
+    check_n_pruned(args.n_pruned, depth)  # every check before the expensive work
+    rt = setup_runtime(args.device)
+    needs_data = args.method in ("bi", "sensitivity", "output-error")
+    batches = calibration_batches(args, latent_shape, rt.device) if needs_data else []
+
+    torch.manual_seed(args.seed)
+    model = load_weights(build_model(args.model, **kwargs), args.ckpt, args.model).to(rt.device).eval()
+    objective = make_objective(family, latent_shape, args, class_dropout_prob=0.0)
+    importance = score_blocks(model, args.method, batches, objective, seed=args.seed)
+    removed = choose_removed(importance, args.n_pruned)
+    kept = [i for i in range(depth) if i not in removed]
+    state_dict = {k: v.cpu() for k, v in model.state_dict().items()}  # the weights just loaded, unchanged
+    calibration = None if not needs_data else {
+        "data": "gaussian" if args.calib_random else args.data_path, "batches": args.calib_batches,
+        "batch_size": args.batch_size}
+    name, record = write_pruned(args.save_model, args.model, args.ckpt, state_dict, model.block_lists, kept,
+                                method=args.method, model_kwargs=kwargs, importance=importance,
+                                seed=args.seed, calibration=calibration)
+    print("importance " + " ".join(f"{i}:{s:.4g}" for i, s in enumerate(importance)))
+    print(f"kept {record['kept']}\nremoved {record['removed']}")
+    print(f"saved {name} ({len(kept)} of {depth} blocks) to {args.save_model}; load it with --model {name}")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", type=str, default="DiT-XL/2")
+    parser.add_argument("--ckpt", type=str, required=True)
+    parser.add_argument("--save-model", type=str, required=True)
+    parser.add_argument("--n-pruned", type=int, required=True, help="number of blocks to remove")
+    parser.add_argument("--method", type=str, choices=SCORE_METHODS, default="bi")
+    parser.add_argument("--data-path", type=str, default="data/imagenet_encoded",
+                        help="feature store (extract_features.py) with the calibration latents")
+    parser.add_argument("--calib-random", action="store_true", help="Gaussian latents instead of --data-path")
+    parser.add_argument("--calib-batches", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--device", type=str, default=None, help="cuda or cpu (default: cuda when available)")
+    add_transport_args(parser)
+    return parser
+
+
+if __name__ == "__main__":
+    run_main(lambda: main(build_parser().parse_args()))

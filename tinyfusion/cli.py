@@ -1,0 +1,48 @@
+"""Argument groups and builders shared by the top-level scripts (model + data set-up)."""
+from models import build_model, family_of
+from .checkpoint import load_weights
+from .errors import UserError
+
+
+def add_model_args(parser, model="DiT-XL/2", data=True):
+    g = parser.add_argument_group("model and data")
+    g.add_argument("--model", type=str, default=model, help="registry name, e.g. DiT-XL/2, DiT-D14/2, SiT-XL/2")
+    g.add_argument("--image-size", type=int, default=256, help="any multiple of 8 (latent = image / 8)")
+    g.add_argument("--num-classes", type=int, default=1000)
+    g.add_argument("--load-weight", type=str, default=None, help="initial weights: plain, training or pruned ckpt")
+    g.add_argument("--vae", type=str, default="ema", help="ema, mse, none, a hub id or a local folder")
+    if data:
+        g.add_argument("--data-path", type=str, required=True, help="feature store written by extract_features.py")
+    return g
+
+
+def latent_shape_for(args, store=None):
+    """(C, H, W) the model works on: the store's shape when it is pixel space, else 4 x image/8."""
+    if args.image_size % 8:
+        raise UserError(f"--image-size {args.image_size} is not a multiple of 8: use e.g. {args.image_size // 8 * 8 or 8}")
+    if store is not None and (getattr(store, "manifest", {}) or {}).get("vae") == "none":
+        return tuple(store.latent_shape)  # pixel-space store (e.g. the digits demo): no VAE in between
+    return (4, args.image_size // 8, args.image_size // 8)
+
+
+def open_training_data(args, model_name):
+    """The feature store of --data-path, checked against the model's latent shape and classes."""
+    from .data import open_feature_store
+    store = open_feature_store(args.data_path)
+    shape = latent_shape_for(args, store)
+    store.check_latent_shape(shape, model_name)
+    store.check_num_classes(args.num_classes)
+    return store, shape
+
+
+def create_model(name, latent_shape, num_classes, weights=None, **kwargs):
+    """A registry model for latents of `latent_shape`, optionally with strictly loaded weights."""
+    family = family_of(name)
+    if family == "MAR":
+        model = build_model(name, **kwargs)
+    else:
+        model = build_model(name, input_size=latent_shape[-1], in_channels=latent_shape[0],
+                            num_classes=num_classes, **kwargs)
+    if weights:
+        load_weights(model, weights, name)
+    return model

@@ -1,0 +1,269 @@
+"""The one training loop, used by train.py, train_masked_kd.py and prune_by_learning.py.
+
+What makes resume exact (bit-identical weights after a SIGKILL and --resume on CPU):
+- the data order is a pure function of (seed, epoch): each step reads global batch
+  `step` of a seeded permutation, and the flip of each item is drawn with it;
+- all randomness of a step comes from generators seeded by (seed, step): the objective's
+  draws (t, noise, label drops) are made for the *global* batch and sliced per rank, so
+  1 process with batch 2B sees the same numbers as 2 processes with batch B each;
+- model, EMA, optimizer, scheduler, grad scaler and objective state are saved together,
+  atomically, and restored before the next step.
+"""
+import glob
+import math
+import os
+import time
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .ema import EMA
+from .errors import UserError
+from .logging import RunLogger
+
+
+def add_train_args(parser, lr=1e-4, ema_decay=0.9999, grad_clip=0.0):
+    """Flags shared by every training script (defaults per script via the arguments)."""
+    g = parser.add_argument_group("training loop")
+    g.add_argument("--results-dir", type=str, default="results")
+    g.add_argument("--prefix", type=str, default=None, help="experiment folder name inside --results-dir")
+    g.add_argument("--global-batch-size", type=int, default=256)
+    g.add_argument("--epochs", type=int, default=1400, help="used only when --max-steps is not given")
+    g.add_argument("--max-steps", type=int, default=None, help="total optimizer steps (overrides --epochs)")
+    g.add_argument("--lr", type=float, default=lr)
+    g.add_argument("--lr-schedule", choices=["constant", "cosine", "linear"], default="constant")
+    g.add_argument("--lr-min", type=float, default=0.0, help="final lr of the cosine/linear schedule")
+    g.add_argument("--warmup-steps", type=int, default=0)
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--grad-clip", type=float, default=grad_clip, help="max global grad norm; 0 disables")
+    g.add_argument("--ema-decay", type=float, default=ema_decay)
+    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    g.add_argument("--global-seed", type=int, default=0)
+    g.add_argument("--num-workers", type=int, default=4)
+    g.add_argument("--log-every", type=int, default=100)
+    g.add_argument("--ckpt-every", type=int, default=50_000)
+    g.add_argument("--keep-last", type=int, default=0, help="keep only the last K checkpoints (0 keeps all)")
+    g.add_argument("--resume", type=str, default=None, help="a checkpoint path, or 'auto' for the latest one")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--device", type=str, default=None, help="cpu or cuda (default: cuda if available)")
+    return g
+
+
+def step_seed(seed, step, rank=-1):
+    """A distinct, reproducible seed for each (seed, step, rank); rank -1 = shared by all ranks."""
+    return (seed * 1_000_003 + step * 4099 + rank + 1) % (2**63 - 1)
+
+
+class GlobalBatchSampler:
+    """Yields this rank's slice of global batch `step` from `start_step` on.
+
+    Keys are (index, flip, sample_seed): the flip and the seed of a stochastic store's posterior
+    sample are drawn here, with the order, so that they too are reproducible on resume.
+    """
+
+    def __init__(self, num_items, global_batch, rank, world_size, seed, start_step=0, flip=True):
+        if num_items < global_batch:
+            raise UserError(f"the dataset has {num_items} items, fewer than --global-batch-size {global_batch}: "
+                            f"lower the batch size")
+        self.n, self.gb, self.rank, self.world, self.seed = num_items, global_batch, rank, world_size, seed
+        self.start, self.flip = start_step, flip
+        self.per_epoch = num_items // global_batch  # drop_last, like the reference
+
+    def epoch_order(self, epoch):
+        g = torch.Generator().manual_seed(step_seed(self.seed, epoch, rank=-7))
+        perm = torch.randperm(self.n, generator=g)
+        flips = torch.randint(0, 2, (self.n,), generator=g) if self.flip else torch.zeros(self.n, dtype=torch.long)
+        return perm, flips
+
+    def __iter__(self):
+        step, per = self.start, self.gb // self.world
+        epoch, order = None, None
+        while True:
+            if step // self.per_epoch != epoch:
+                epoch = step // self.per_epoch
+                order = self.epoch_order(epoch)
+            lo = (step % self.per_epoch) * self.gb + self.rank * per
+            seed0 = step_seed(self.seed, step, rank=-3) % (2**31) + lo
+            yield [(int(i), int(f), seed0 + j) for j, (i, f) in enumerate(zip(order[0][lo:lo + per],
+                                                                              order[1][lo:lo + per]))]
+            step += 1
+
+
+def lr_factor(step, total, schedule, warmup, lr, lr_min):
+    """Multiplier of the base lr at `step`, defined in steps (independent of batch size and epochs)."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant" or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    floor = lr_min / lr if lr > 0 else 0.0
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
+    return floor + (1 - floor) * shape
+
+
+class Trainer:
+    """Runs `objective` on `model` over `dataset` for `total_steps` optimizer steps.
+
+    The objective provides `draw(n, generator) -> dict` (randomness for a global batch),
+    `loss(model, x, y, draws, step) -> (per-sample loss, {name: scalar tensor})`, and
+    optionally `begin_step(step, total)`, `log_line()`, `state_dict()`/`load_state_dict()`.
+    """
+
+    def __init__(self, runtime, model, objective, dataset, args, param_groups=None, results_dir=None,
+                 ddp_find_unused=False, logger=None):
+        self.rt, self.args, self.objective, self.dataset = runtime, args, objective, dataset
+        self.model = model.to(runtime.device)
+        self.results_dir = results_dir or args.results_dir
+        self.ckpt_dir = os.path.join(self.results_dir, "checkpoints")
+        self.per_rank = runtime.per_rank(args.global_batch_size)
+        steps_per_epoch = len(dataset) // args.global_batch_size
+        self.total_steps = args.max_steps if args.max_steps is not None else args.epochs * steps_per_epoch
+        if self.total_steps <= 0:
+            raise UserError("nothing to train: set --max-steps or --epochs to a positive number")
+        self.ema = EMA(self.model, args.ema_decay)
+        groups = param_groups or [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
+        for g in groups:
+            g.setdefault("lr", args.lr)
+            g["base_lr"] = g["lr"]
+        fused = runtime.device.type == "cuda"
+        self.opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay, fused=fused)
+        self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=args.precision == "fp16")
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
+        self.step = 0
+        self.skipped = 0
+        self.logger = logger or RunLogger(self.results_dir, runtime.is_main)
+        net = DDP(self.model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None,
+                  find_unused_parameters=ddp_find_unused) if runtime.distributed else self.model
+        self.net = torch.compile(net) if args.compile else net
+        if args.resume:
+            self.restore(args.resume)
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def checkpoint_dict(self):
+        extra = self.objective.state_dict() if hasattr(self.objective, "state_dict") else {}
+        return {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
+                "scaler": self.scaler.state_dict(), "train_steps": self.step, "skipped_steps": self.skipped,
+                "objective": extra, "args": {k: v for k, v in vars(self.args).items() if _plain(v)}}
+
+    def save(self):
+        if self.rt.is_main:
+            path = os.path.join(self.ckpt_dir, f"{self.step:07d}.pt")
+            save_checkpoint(self.checkpoint_dict(), path)
+            self.logger.info(f"saved checkpoint {path}")
+            ckpts = sorted(glob.glob(os.path.join(self.ckpt_dir, "[0-9]*.pt")))
+            if self.args.keep_last > 0:
+                for old in ckpts[:-self.args.keep_last]:
+                    os.remove(old)
+        self.rt.barrier()
+
+    def restore(self, path):
+        if path == "auto":
+            found = sorted(glob.glob(os.path.join(self.ckpt_dir, "[0-9]*.pt")))
+            if not found:
+                self.logger.info(f"--resume auto: no checkpoint in {self.ckpt_dir}, starting from step 0")
+                return
+            path = found[-1]
+        ckpt = load_checkpoint(path)
+        if not isinstance(ckpt, dict) or "opt" not in ckpt or "train_steps" not in ckpt:
+            raise UserError(f"--resume {path} is not a training checkpoint of this code (needs model/ema/opt/"
+                            f"train_steps); to start from its weights use --load-weight instead")
+        self.model.load_state_dict(ckpt["model"])
+        self.ema.load_state_dict(ckpt["ema"])
+        self.opt.load_state_dict(ckpt["opt"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.step, self.skipped = ckpt["train_steps"], ckpt.get("skipped_steps", 0)
+        if hasattr(self.objective, "load_state_dict"):
+            self.objective.load_state_dict(ckpt.get("objective", {}))
+        self.logger.info(f"resumed from {path} at step {self.step}")
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def loader(self):
+        sampler = GlobalBatchSampler(len(self.dataset), self.args.global_batch_size, self.rt.rank,
+                                     self.rt.world_size, self.args.global_seed, start_step=self.step,
+                                     flip=getattr(self.dataset, "has_flips", False))
+        workers = self.args.num_workers
+        return torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=workers,
+                                           pin_memory=self.rt.device.type == "cuda",
+                                           persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
+
+    def set_lr(self):
+        a = self.args
+        f = lr_factor(self.step, self.total_steps, a.lr_schedule, a.warmup_steps, a.lr, a.lr_min)
+        for g in self.opt.param_groups:
+            g["lr"] = g["base_lr"] * f
+
+    def train_step(self, x, y):
+        a, rt = self.args, self.rt
+        torch.manual_seed(step_seed(a.global_seed, self.step, rt.rank))  # dropout etc. inside the model
+        gen = torch.Generator().manual_seed(step_seed(a.global_seed, self.step))
+        draws = self.objective.draw(a.global_batch_size, gen)
+        lo = rt.rank * self.per_rank
+        draws = {k: v[lo:lo + self.per_rank].to(rt.device, non_blocking=True) for k, v in draws.items()}
+        if hasattr(self.objective, "begin_step"):
+            self.objective.begin_step(self.step, self.total_steps)
+        self.set_lr()
+        with torch.autocast(rt.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            per_sample, logs = self.objective.loss(self.net, x, y, draws, self.step)
+            loss = per_sample.mean()
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.opt)
+        params = [p for g in self.opt.param_groups for p in g["params"]]
+        norm = torch.nn.utils.clip_grad_norm_(params, a.grad_clip if a.grad_clip > 0 else float("inf"))
+        if torch.isfinite(loss) and torch.isfinite(norm):
+            self.scaler.step(self.opt)
+            self.ema.update()
+        else:  # a non-finite step is skipped and counted, never applied
+            self.skipped += 1
+        self.scaler.update()
+        self.step += 1
+        return loss.detach(), logs
+
+    def fit(self):
+        a, rt = self.args, self.rt
+        self.logger.info(f"training {self.total_steps} steps from step {self.step}, global batch "
+                         f"{a.global_batch_size}, {rt.world_size} process(es) on {rt.device}")
+        self.model.train()
+        running, count, t0 = torch.zeros((), device=rt.device), 0, time.time()
+        if self.step >= self.total_steps:
+            return self
+        for keys, batch in zip(range(self.step, self.total_steps), self.loader()):
+            x, y = (t.to(rt.device, non_blocking=True) for t in batch)
+            loss, logs = self.train_step(x, y)
+            running += loss
+            count += 1
+            if self.step % a.log_every == 0 or self.step == self.total_steps:
+                self.log(running / count, count, time.time() - t0, logs)
+                running, count, t0 = torch.zeros((), device=rt.device), 0, time.time()
+            if self.step % a.ckpt_every == 0 or self.step == self.total_steps:
+                self.save()
+        return self
+
+    def log(self, mean_loss, steps, seconds, logs):
+        mean_loss = self.rt.all_reduce_mean(mean_loss).item()
+        sps = steps / max(seconds, 1e-9)
+        values = {"loss": mean_loss, "steps_per_sec": sps, "images_per_sec": sps * self.args.global_batch_size,
+                  "lr": self.opt.param_groups[0]["lr"], "skipped_steps": self.skipped}
+        values.update({k: float(v) for k, v in logs.items()})
+        self.logger.scalars(self.step, values)
+        extra = self.objective.log_line() if hasattr(self.objective, "log_line") else ""
+        self.logger.info(f"(step={self.step:07d}) loss {mean_loss:.4f}, {sps:.2f} steps/s, "
+                         f"{values['images_per_sec']:.1f} img/s, lr {values['lr']:.2e}"
+                         + (f", skipped {self.skipped}" if self.skipped else "") + (f" | {extra}" if extra else ""))
+
+
+def _plain(v):
+    return isinstance(v, (int, float, str, bool, type(None), list, tuple))
+
+
+def experiment_dir(args, model_name):
+    """results/<prefix> or results/<NNN>-<model>, the reference's naming."""
+    if args.prefix:
+        return os.path.join(args.results_dir, args.prefix)
+    if args.resume == "auto":
+        raise UserError("--resume auto needs --prefix NAME to know which experiment folder to continue")
+    os.makedirs(args.results_dir, exist_ok=True)
+    index = len(glob.glob(os.path.join(args.results_dir, "*")))
+    return os.path.join(args.results_dir, f"{index:03d}-{model_name.replace('/', '-')}")
+

@@ -1,0 +1,48 @@
+"""Fine-tune (or train from scratch) a DiT or SiT on pre-extracted latents.
+
+    torchrun --nnodes=1 --nproc_per_node=8 train.py --model DiT-D14/2 \
+        --load-weight outputs/pruned/DiT-D14-Learned.pt --data-path data/imagenet_encoded \
+        --epochs 100 --prefix D14-Learned-Finetuning
+
+Also runs as plain `python train.py ...` (one process, GPU if present, else CPU).
+"""
+import argparse
+import os
+
+from models import family_of
+from tinyfusion.checkpoint import save_weights
+from tinyfusion.cli import add_model_args, create_model, open_training_data
+from tinyfusion.errors import run_main
+from tinyfusion.objectives import add_transport_args, make_objective
+from tinyfusion.runtime import seed_everything, setup_runtime
+from tinyfusion.trainer import Trainer, add_train_args, experiment_dir
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(parser)
+    add_train_args(parser, lr=1e-4, ema_decay=0.9999)
+    add_transport_args(parser)
+    parser.add_argument("--save-model", type=str, default=None, help="also write the final EMA weights here")
+    args = parser.parse_args(argv)
+    if args.results_dir == "results":
+        args.results_dir = "outputs"  # the reference writes outputs/<prefix>/checkpoints
+
+    rt = setup_runtime(args.device)
+    seed_everything(args.global_seed)  # same initial weights in every process and every run
+    family = family_of(args.model)
+    store, shape = open_training_data(args, args.model)
+    model = create_model(args.model, shape, args.num_classes, args.load_weight)
+    objective = make_objective(family, shape, args)
+    trainer = Trainer(rt, model, objective, store, args, results_dir=experiment_dir(args, args.model))
+    trainer.logger.info(f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters, "
+                        f"{len(store):,} training latents from {args.data_path}")
+    trainer.fit()
+    if args.save_model and rt.is_main:
+        save_weights(trainer.ema.state_dict(), args.save_model)
+        trainer.logger.info(f"saved EMA weights to {os.path.abspath(args.save_model)}")
+    rt.shutdown()
+
+
+if __name__ == "__main__":
+    run_main(main)
