@@ -176,10 +176,14 @@ class GaussianDiffusion:
         return out
 
     def p_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None, model_kwargs=None,
-                 temperature=1.0):
-        """One ancestral step x_t -> x_{t-1}. `temperature` scales the added noise (MAR)."""
+                 temperature=1.0, noise_fn=None):
+        """One ancestral step x_t -> x_{t-1}. `temperature` scales the added noise (MAR).
+
+        `noise_fn(x)` replaces `torch.randn_like(x)`, e.g. to draw each sample's noise from its own
+        generator so a sample does not depend on the batch it is in (sample_ddp).
+        """
         out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
-        noise = torch.randn_like(x)  # drawn at every step, even t = 0 where it is masked: keeps the official RNG order
+        noise = torch.randn_like(x) if noise_fn is None else noise_fn(x)  # drawn at every step, even t = 0 where it is masked: keeps the official RNG order
         nonzero_mask = (t != 0).float().view(-1, *([1] * (x.ndim - 1)))
         if cond_fn is not None:
             out["mean"] = self.condition_mean(cond_fn, out, x, t, model_kwargs)
@@ -188,7 +192,7 @@ class GaussianDiffusion:
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
     def ddim_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None, model_kwargs=None,
-                    eta=0.0):
+                    eta=0.0, noise_fn=None):
         """One DDIM step (Song et al. 2021, eq. 12); eta = 0 is deterministic."""
         out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
         if cond_fn is not None:
@@ -197,7 +201,7 @@ class GaussianDiffusion:
         alpha_bar = _extract(self.alphas_cumprod, t, x.shape)
         alpha_bar_prev = _extract(self.alphas_cumprod_prev, t, x.shape)
         sigma = eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
-        noise = torch.randn_like(x)
+        noise = torch.randn_like(x) if noise_fn is None else noise_fn(x)
         mean_pred = out["pred_xstart"] * torch.sqrt(alpha_bar_prev) + torch.sqrt(1 - alpha_bar_prev - sigma ** 2) * eps
         nonzero_mask = (t != 0).float().view(-1, *([1] * (x.ndim - 1)))
         return {"sample": mean_pred + nonzero_mask * sigma * noise, "pred_xstart": out["pred_xstart"]}
@@ -220,29 +224,32 @@ class GaussianDiffusion:
             img = out["sample"]
 
     def p_sample_loop_progressive(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, cond_fn=None,
-                                  model_kwargs=None, device=None, progress=False, temperature=1.0):
+                                  model_kwargs=None, device=None, progress=False, temperature=1.0,
+                                  noise_fn=None):
         yield from self._loop(self.p_sample, model, shape, noise, device, progress, clip_denoised=clip_denoised,
                               denoised_fn=denoised_fn, cond_fn=cond_fn, model_kwargs=model_kwargs,
-                              temperature=temperature)
+                              temperature=temperature, noise_fn=noise_fn)
 
     def p_sample_loop(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, cond_fn=None,
-                      model_kwargs=None, device=None, progress=False, temperature=1.0):
+                      model_kwargs=None, device=None, progress=False, temperature=1.0, noise_fn=None):
         """Ancestral sampling; returns the final x_0 (no gradients)."""
         for out in self.p_sample_loop_progressive(model, shape, noise, clip_denoised, denoised_fn, cond_fn,
-                                                  model_kwargs, device, progress, temperature):
+                                                  model_kwargs, device, progress, temperature, noise_fn):
             pass
         return out["sample"]
 
     def ddim_sample_loop_progressive(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None,
-                                     cond_fn=None, model_kwargs=None, device=None, progress=False, eta=0.0):
+                                     cond_fn=None, model_kwargs=None, device=None, progress=False, eta=0.0,
+                                     noise_fn=None):
         yield from self._loop(self.ddim_sample, model, shape, noise, device, progress, clip_denoised=clip_denoised,
-                              denoised_fn=denoised_fn, cond_fn=cond_fn, model_kwargs=model_kwargs, eta=eta)
+                              denoised_fn=denoised_fn, cond_fn=cond_fn, model_kwargs=model_kwargs, eta=eta,
+                              noise_fn=noise_fn)
 
     def ddim_sample_loop(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, cond_fn=None,
-                         model_kwargs=None, device=None, progress=False, eta=0.0):
+                         model_kwargs=None, device=None, progress=False, eta=0.0, noise_fn=None):
         """DDIM sampling; returns the final x_0 (no gradients)."""
         for out in self.ddim_sample_loop_progressive(model, shape, noise, clip_denoised, denoised_fn, cond_fn,
-                                                     model_kwargs, device, progress, eta):
+                                                     model_kwargs, device, progress, eta, noise_fn):
             pass
         return out["sample"]
 

@@ -7,7 +7,8 @@ constant 0.02, defines a categorical distribution. Training draws, per sample, a
 Gumbel-softmax one-hot over the options from logits*scaling at temperature tau (straight-through:
 the forward value is exactly one-hot, the backward pass takes the softmax's gradient), and the
 block mask is one-hot @ options. A masked block computes m*block(x) + (1-m)*x, which is exact
-for m in {0, 1}, so a pinned mask reproduces the pruned model bit for bit up to float rounding.
+for m in {0, 1}, so a fixed mask reproduces the pruned model's output (and, without gradients,
+blocks masked out for the whole batch are not even run).
 
 `attach_layer_mask` keeps every parameter name (blocks are re-classed, not wrapped), so LoRA,
 EMA (deepcopy) and DDP work unchanged; the mask itself lives at `model.layer_mask`.

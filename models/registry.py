@@ -12,7 +12,8 @@ from .dit import DiT
 from .sit import SiT
 
 # name: (depth, hidden_size, num_heads)
-SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16),
+         "Tiny": (12, 96, 4)}  # Tiny is ours (not an official size): CPU tests and the digits demo
 PATCHES = (2, 4, 8)
 
 
@@ -27,7 +28,7 @@ class ModelRegistry(dict):
     def __init__(self, family, cls, fixed, examples):
         super().__init__(fixed)
         self.family, self.cls, self.examples = family, cls, examples
-        self.pattern = re.compile(rf"^{family}-(?:(S|B|L|XL)-)?D(\d+)/(\d+)$")
+        self.pattern = re.compile(rf"^{family}-(?:(S|B|L|XL|Tiny)-)?D(\d+)/(\d+)$")
 
     def _resolve(self, name):
         m = self.pattern.match(name) if isinstance(name, str) else None

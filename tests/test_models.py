@@ -20,7 +20,7 @@ def analytic_params(depth, hidden, patch, input_size=32, in_ch=4, classes=1000, 
     return embed + depth * block + final
 
 
-SIZES = {"S": (12, 384), "B": (12, 768), "L": (24, 1024), "XL": (28, 1152)}
+SIZES = {"S": (12, 384), "B": (12, 768), "L": (24, 1024), "XL": (28, 1152), "Tiny": (12, 96)}
 
 
 @pytest.mark.parametrize("registry", [DiT_models, SiT_models])

@@ -1,19 +1,21 @@
 """transport/: paths, losses, intervals and samplers against closed forms (sit.md) and official golden outputs."""
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 from scipy.stats import norm
 
-from models.sit import SiT
+from conftest import golden_model
 from transport import Sampler, create_transport
 from transport.path import PATHS
 
-FIXTURE = Path(__file__).parent / "fixtures" / "official_tiny.safetensors"
 PATH_NAMES = ("Linear", "GVP", "VP")
+
+
+@pytest.fixture(autouse=True)
+def seed():
+    torch.manual_seed(0)
 
 
 # ---- independent closed forms (sit.md tables), float64 numpy ----
@@ -150,6 +152,8 @@ def test_check_interval():
     assert score.check_interval(1e-3, 1e-3, eval=True) == (1e-3, 1 - 1e-3)
     assert lin.check_interval(0, 0, sde=True, diffusion_form="sigma", eval=True, last_step_size=0.04) == (0, 0.96)
     assert score.check_interval(1e-3, 1e-3, sde=True, eval=True, last_step_size=0.04) == (1e-3, 0.96)
+    assert lin.check_interval(0.1, 0.2, sde=True, diffusion_form="sigma", eval=True) == (0, 0.8)
+    assert lin.check_interval(0.1, 0.2, sde=True, diffusion_form="SBDM", eval=True) == (0.2, 0.8)
     assert np.allclose(score.check_interval(1e-3, 1e-3, eval=True, reverse=True), (1 - 1e-3, 1e-3))
 
 
@@ -207,16 +211,16 @@ def test_ode_reverse_and_fixed_step_methods():
     toy, fn = GaussianToy("Linear"), Sampler(create_transport()).sample_ode
     z = torch.randn(4, 3, dtype=torch.float64)
     x = toy.mu + toy.s * z  # the exact image of z
-    back = fn(sampling_method="rk4", num_steps=20, reverse=True)(x, toy.model("velocity"), **cfg_kwargs(4))[-1]
+    model, kw = toy.model("velocity"), cfg_kwargs(4)
+    back = fn(sampling_method="rk4", num_steps=20, reverse=True)(x, model, **kw)[-1]
     torch.testing.assert_close(back, z, rtol=1e-5, atol=1e-5)
     for method, tol in (("dopri5", 1e-6), ("euler", 0.05), ("heun", 1e-4), ("midpoint", 1e-6)):
-        out = fn(sampling_method=method, num_steps=200, atol=1e-8, rtol=1e-8)(z, toy.model("velocity"), **cfg_kwargs(4))[-1]
+        out = fn(sampling_method=method, num_steps=200, atol=1e-8, rtol=1e-8)(z, model, **kw)[-1]
         torch.testing.assert_close(out, x, rtol=0, atol=tol, msg=method)
 
 
 @pytest.mark.parametrize("method,form", [("Euler", "sigma"), ("Heun", "linear")])
 def test_sde_matches_target_distribution(method, form):
-    torch.manual_seed(0)
     toy = GaussianToy("Linear")
     fn = Sampler(create_transport()).sample_sde(sampling_method=method, diffusion_form=form, num_steps=60)
     xs = fn(torch.randn(600, 3, dtype=torch.float64), toy.model("velocity"), **cfg_kwargs(600))
@@ -225,13 +229,19 @@ def test_sde_matches_target_distribution(method, form):
     torch.testing.assert_close(xs[-1].std(0), toy.s, rtol=0.12, atol=0)
 
 
-@pytest.mark.parametrize("method,tol", [("Euler", 0.05), ("Heun", 2e-3)])
-def test_sde_without_noise_is_the_ode(method, tol):
+@pytest.mark.parametrize("method", ["Euler", "Heun"])
+def test_sde_without_noise_matches_hand_rolled_steps(method):
     toy, z = GaussianToy("Linear"), torch.randn(4, 3, dtype=torch.float64)
     fn = Sampler(create_transport()).sample_sde(sampling_method=method, diffusion_form="linear", diffusion_norm=0.0,
-                                                num_steps=30)  # w = 0: Euler / Heun ODE steps on [0, 0.96]
+                                                num_steps=30)  # w = 0: plain Euler / Heun steps on [0, 0.96]
     out = fn(z, toy.model("velocity"), **cfg_kwargs(4))[-2]
-    torch.testing.assert_close(out, toy.flow_map(z, 0.0, 0.96), rtol=0, atol=tol)
+    x, ts = z, np.linspace(0, 0.96, 30)
+    v = lambda x, t: toy.velocity(x, torch.full((4,), t, dtype=torch.float64))
+    for t, dt in zip(ts[:-1], np.diff(ts)):
+        k1 = v(x, t)
+        x = x + dt * k1 if method == "Euler" else x + dt / 2 * (k1 + v(x + dt * k1, t + dt))
+    torch.testing.assert_close(out, x)
+    torch.testing.assert_close(out, toy.flow_map(z, 0.0, 0.96), rtol=0, atol=0.2 if method == "Euler" else 2e-3)
 
 
 @pytest.mark.parametrize("last_step", [None, "Mean", "Tweedie", "Euler"])
@@ -262,13 +272,15 @@ def test_ode_likelihood_matches_gaussian_logpdf():
 
 
 # ---- golden parity with the official SiT code ----
-def test_golden_ode_euler8():
-    g = load_file(FIXTURE)
-    model = SiT(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=4, num_heads=4,
-                num_classes=10, learn_sigma=True).eval()
-    model.load_state_dict({k[4:]: v for k, v in g.items() if k.startswith("sit.")})
+def test_golden_ode_euler8(golden):
+    model = golden_model(golden, "SiT")
     for name in PATH_NAMES:
         fn = Sampler(create_transport(name, "velocity")).sample_ode(sampling_method="euler", num_steps=8)
         with torch.no_grad():
-            out = fn(g["sample_z"], model.forward, y=g["sample_y"])[-1]
-        torch.testing.assert_close(out, g[f"sit_ode_euler8_{name}"], rtol=1e-4, atol=1e-5, msg=name)
+            out = fn(golden["sample_z"], model.forward, y=golden["sample_y"])[-1]
+        torch.testing.assert_close(out, golden[f"sit_ode_euler8_{name}"], rtol=1e-4, atol=1e-5, msg=name)
+    # CFG convention: doubled batch with null labels through forward_with_cfg; scale 1 is the conditional model.
+    z, y = golden["sample_z"], golden["sample_y"]
+    with torch.no_grad():
+        out = fn(torch.cat([z, z]), model.forward_with_cfg, y=torch.cat([y, torch.full_like(y, 10)]), cfg_scale=1.0)
+    torch.testing.assert_close(out[-1][:2], golden["sit_ode_euler8_VP"], rtol=1e-4, atol=1e-5)

@@ -94,7 +94,7 @@ def pruned_model_name(source_name, kept, depths):
     """Registry name of the pruned model: DiT-XL/2 + 14 kept -> 'DiT-D14/2'; DiT-S/2 + 6 -> 'DiT-S-D6/2';
     MAR-L + 8 enc / 8 dec -> 'MAR-L-D16', uneven -> 'MAR-L-E10D6' (models/mar.py's MARRegistry)."""
     counts = [len(local) for local in split_kept(kept, depths)]
-    m = re.match(r"^(DiT|SiT)-(?:(S|B|L|XL)|(?:(S|B|L|XL)-)?D\d+)/(\d+)$", source_name)
+    m = re.match(r"^(DiT|SiT)-(?:(S|B|L|XL|Tiny)|(?:(S|B|L|XL|Tiny)-)?D\d+)/(\d+)$", source_name)
     if m:
         size = m.group(2) or m.group(3) or "XL"
         return f"{m.group(1)}-{'' if size == 'XL' else size + '-'}D{sum(counts)}/{m.group(4)}"

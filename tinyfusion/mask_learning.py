@@ -1,0 +1,90 @@
+"""TinyFusion's learnable depth pruning as an objective for the one training loop.
+
+The model carries a LayerMask (per-sample hard Gumbel N:M masks, drawn at the start of every
+forward) and, optionally, LoRA deltas or fully trainable weights that simulate the fine-tuning to
+come ("delta-w"). The loss is the ordinary training loss of the masked model; the gates learn at
+10x the weight lr; the decision is the argmax of the EMA copy's gates.
+"""
+import torch
+
+from models.layer_mask import LayerMask, attach_layer_mask, model_blocks
+from models.lora import apply_lora
+
+
+def prepare_mask_learning(model, groups, delta_w=True, lora=True, lora_rank=8, lora_alpha=None, lr=1e-4,
+                          gate_lr_mult=10.0):
+    """Attach the mask (and LoRA), set requires_grad, and return the optimizer param groups."""
+    layer_mask = LayerMask(groups)
+    attach_layer_mask(model, layer_mask)
+    model.requires_grad_(False)
+    weights = []
+    if delta_w and lora:
+        weights = apply_lora(model_blocks(model), rank=lora_rank, alpha=lora_alpha or 2 * lora_rank)
+        # the reference sets alpha = 2 * rank (torchtune LoRALinear)
+    elif delta_w:
+        weights = [p for n, p in model.named_parameters() if not n.startswith("layer_mask.") and n != "pos_embed"]
+    for p in weights:
+        p.requires_grad_(True)
+    gates = list(layer_mask.parameters())
+    for p in gates:
+        p.requires_grad_(True)
+    groups_out = [{"params": gates, "lr": lr * gate_lr_mult}]
+    if weights:
+        groups_out.insert(0, {"params": weights, "lr": lr})
+    return layer_mask, groups_out
+
+
+class MaskLearningObjective:
+    """Wraps a base objective; schedules tau/scaling and records the EMA decision over time."""
+
+    def __init__(self, base, layer_mask, tau_range=(4.0, 0.1), scaling_range=(100.0, 100.0)):
+        self.base, self.mask = base, layer_mask
+        self.tau_range, self.scaling_range = tuple(tau_range), tuple(scaling_range)
+        self.ema_mask = layer_mask  # replaced by the EMA copy's mask once the trainer exists
+        self.history = []  # (step, kept-mask over all blocks, confidences) at every log point
+
+    def draw(self, n, generator):
+        return self.base.draw(n, generator)
+
+    def begin_step(self, step, total):
+        self.mask.set_schedule(step, total, self.tau_range, self.scaling_range)
+        self.ema_mask.tau, self.ema_mask.scaling = self.mask.tau, self.mask.scaling
+        self.step = step
+
+    def loss(self, model, x, y, draws, step):
+        per_sample, logs = self.base.loss(model, x, y, draws, step)
+        return per_sample, {**logs, "tau": torch.tensor(self.mask.tau)}
+
+    def log_line(self):
+        kept = set(self.ema_mask.decision())
+        self.history.append((self.step + 1, [int(i in kept) for i in range(self.ema_mask.depth)],
+                             self.ema_mask.confidence()))
+        return f"tau {self.mask.tau:.3f} | " + self.ema_mask.summary()
+
+    def state_dict(self):
+        return {"history": self.history}
+
+    def load_state_dict(self, state):
+        self.history = list(state.get("history", []))
+
+
+def plot_decisions(history, path, title="TinyFusion decision dynamics"):
+    """Layers x logged steps image: dark = kept, light = removed (like the paper's decision figure)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    if not history:
+        return None
+    steps = [h[0] for h in history]
+    grid = np.array([h[1] for h in history]).T  # (layers, logs)
+    fig, ax = plt.subplots(figsize=(max(4, min(12, len(steps) / 4)), max(2.5, grid.shape[0] / 4)))
+    ax.imshow(grid, aspect="auto", cmap="Blues", vmin=-0.2, vmax=1, interpolation="nearest",
+              extent=(steps[0] - 0.5, steps[-1] + 0.5, grid.shape[0] - 0.5, -0.5))
+    ax.set_xlabel("training step")
+    ax.set_ylabel("layer")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

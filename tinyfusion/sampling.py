@@ -1,0 +1,154 @@
+"""Sampling pipelines shared by sample.py and sample_ddp.py: latents for DiT (DDPM/DDIM), SiT (ODE/SDE)
+and MAR (autoregressive + DiffLoss), plus decoding to uint8 images.
+
+Random numbers are consumed in the official order (one randn_like per DDPM step, the SiT ODE
+deterministic given z), so one seed gives the official samples. `noise_fn` lets sample_ddp draw each
+image's per-step noise from that image's own generator instead, which makes every image a function
+of (global seed, index) only.
+"""
+import functools
+
+import torch
+
+from .errors import UserError
+
+DIT_SAMPLERS = ("ddpm", "ddim")
+SIT_MODES = ("ODE", "SDE")
+
+
+def add_sampler_args(parser, steps=250):
+    g = parser.add_argument_group("sampler")
+    g.add_argument("mode", nargs="?", default=None, choices=SIT_MODES, help="SiT only: ODE (default) or SDE")
+    g.add_argument("--num-sampling-steps", type=int, default=steps)
+    g.add_argument("--sampler", type=str, default="ddpm", help="DiT: ddpm (ancestral) or ddim")
+    g.add_argument("--guide-all-channels", action="store_true",
+                   help="CFG on all latent channels (diffusers) instead of the official first 3")
+    g.add_argument("--sampling-method", type=str, default=None, help="SiT: dopri5/euler/heun3/rk4 (ODE), Euler/Heun (SDE)")
+    g.add_argument("--atol", type=float, default=1e-6)
+    g.add_argument("--rtol", type=float, default=1e-3)
+    g.add_argument("--reverse", action="store_true")
+    g.add_argument("--diffusion-form", type=str, default="sigma")
+    g.add_argument("--diffusion-norm", type=float, default=1.0)
+    g.add_argument("--last-step", type=str, default="Mean")
+    g.add_argument("--last-step-size", type=float, default=0.04)
+    g.add_argument("--num-iter", type=int, default=64, help="MAR: autoregressive steps")
+    g.add_argument("--cfg-schedule", type=str, default="linear", help="MAR: linear or constant")
+    g.add_argument("--temperature", type=float, default=1.0, help="MAR: DiffLoss noise temperature")
+    return g
+
+
+def check_cfg(cfg_scale):
+    if cfg_scale < 1.0:
+        raise UserError(f"--cfg-scale {cfg_scale} < 1: use 1.0 for no guidance or a value > 1 (paper FID: 1.5)")
+
+
+def _cfg_batch(z, y, num_classes):
+    """[cond; null] layout expected by forward_with_cfg."""
+    return torch.cat([z, z], 0), torch.cat([y, torch.full_like(y, num_classes)], 0)
+
+
+class DiTSampler:
+    def __init__(self, args):
+        if args.sampler not in DIT_SAMPLERS:
+            raise UserError(f"--sampler {args.sampler} is not a DiT sampler: choose one of {', '.join(DIT_SAMPLERS)}")
+        from diffusion import create_diffusion
+        self.ddim = args.sampler == "ddim"
+        self.diffusion = create_diffusion(("ddim" if self.ddim else "") + str(args.num_sampling_steps))
+        self.guide_all = args.guide_all_channels
+        self.name = f"{args.sampler.upper()}-{args.num_sampling_steps}"
+
+    def __call__(self, model, z, y, cfg_scale, use_cfg=True, noise_fn=None, progress=False):
+        kwargs, fn = dict(y=y), model.forward
+        if use_cfg:
+            z, y2 = _cfg_batch(z, y, model.num_classes)
+            kwargs = dict(y=y2, cfg_scale=cfg_scale)
+            fn = functools.partial(model.forward_with_cfg, guide_all_channels=self.guide_all)
+        loop = self.diffusion.ddim_sample_loop if self.ddim else self.diffusion.p_sample_loop
+        out = loop(fn, z.shape, z, clip_denoised=False, model_kwargs=kwargs, progress=progress, device=z.device,
+                   noise_fn=noise_fn)
+        return out.chunk(2)[0] if use_cfg else out
+
+
+class SiTSampler:
+    def __init__(self, args):
+        from transport import Sampler, create_transport
+        mode = args.mode or "ODE"
+        transport = create_transport(args.path_type, args.prediction, args.loss_weight, args.train_eps, args.sample_eps)
+        sampler = Sampler(transport)
+        try:
+            if mode == "ODE":
+                method = args.sampling_method or "dopri5"
+                self.fn = sampler.sample_ode(sampling_method=method, num_steps=args.num_sampling_steps,
+                                             atol=args.atol, rtol=args.rtol, reverse=args.reverse)
+            else:
+                method = args.sampling_method or "Euler"
+                self.fn = sampler.sample_sde(sampling_method=method, diffusion_form=args.diffusion_form,
+                                             diffusion_norm=args.diffusion_norm, last_step=args.last_step,
+                                             last_step_size=args.last_step_size, num_steps=args.num_sampling_steps)
+        except ValueError as e:  # unknown method/form names: one line listing the valid ones
+            raise UserError(str(e))
+        self.guide_all = args.guide_all_channels
+        self.name = f"{mode}-{args.num_sampling_steps}-{method}"
+        self.stochastic = mode == "SDE"
+
+    def __call__(self, model, z, y, cfg_scale, use_cfg=True, noise_fn=None, progress=False):
+        kwargs, fn = dict(y=y), model.forward
+        if use_cfg:
+            z, y2 = _cfg_batch(z, y, model.num_classes)
+            kwargs = dict(y=y2, cfg_scale=cfg_scale)
+            fn = functools.partial(model.forward_with_cfg, guide_all_channels=self.guide_all)
+        with torch.no_grad():
+            out = self.fn(z, fn, **kwargs)[-1]
+        return out.chunk(2)[0] if use_cfg else out
+
+
+class MARSampler:
+    def __init__(self, args):
+        self.num_iter, self.schedule, self.temperature = args.num_iter, args.cfg_schedule, args.temperature
+        self.name = f"iter{args.num_iter}-{args.cfg_schedule}-temp{args.temperature}"
+
+    def __call__(self, model, z, y, cfg_scale, use_cfg=True, noise_fn=None, progress=False):
+        # MAR draws its own orders and DiffLoss noise; z only fixes the batch size and device.
+        with torch.no_grad():
+            return model.sample_tokens(len(y), num_iter=self.num_iter, cfg=cfg_scale if use_cfg else 1.0,
+                                       cfg_schedule=self.schedule, labels=y, temperature=self.temperature,
+                                       progress=progress)
+
+
+def make_sampler(family, args):
+    if family == "DiT":
+        if args.mode is not None:
+            raise UserError(f"{args.mode} is a SiT sampler; DiT models take --sampler ddpm or ddim")
+        return DiTSampler(args)
+    if family == "SiT":
+        if args.sampler not in ("ddpm",):  # only the default may be left in place
+            raise UserError(f"--sampler {args.sampler} is a DiT sampler; SiT models take ODE or SDE")
+        return SiTSampler(args)
+    return MARSampler(args)
+
+
+def per_sample_noise(seeds, device):
+    """noise_fn drawing row i's noise from its own generator (rows beyond len(seeds) repeat: the CFG null half)."""
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+    def noise_fn(x):
+        rows = torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens])
+        reps = x.shape[0] // len(gens)
+        return rows.repeat(reps, *([1] * (x.ndim - 1))).to(device=x.device, dtype=x.dtype)
+    return noise_fn
+
+
+def to_uint8(images):
+    """[-1, 1] NCHW -> uint8 NHWC, the reference's clamp(127.5 x + 128) then truncation."""
+    return torch.clamp(127.5 * images + 128.0, 0, 255).permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8).numpy()
+
+
+def load_decoder(family, vae, device):
+    """Latents -> images in [-1, 1]: SD VAE (ema/mse/id/folder), KL-16 for MAR (a checkpoint path), or none."""
+    if family == "MAR" and vae not in (None, "none"):
+        from models.kl16 import MAR_LATENT_SCALE, load_kl16
+        kl16 = load_kl16(vae).to(device)
+        return lambda z: kl16.decode(z / MAR_LATENT_SCALE).clamp(-1, 1)
+    from .vae import load_vae
+    coder = load_vae(vae, device)
+    return coder.decode
