@@ -21,12 +21,13 @@ from tinyfusion.trainer import Trainer, add_train_args, experiment_dir
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser)
-    add_train_args(parser, lr=1e-4, ema_decay=0.9999)
+    add_train_args(parser, lr=2e-4, ema_decay=0.9999)
     add_transport_args(parser)
+    # TinyFusion's fine-tuning recipe (AdamW 2e-4, cosine to 1e-4); pass --lr 1e-4 --lr-schedule constant
+    # for the official DiT/SiT pre-training recipe.
+    parser.set_defaults(lr_schedule="cosine", lr_min=1e-4, results_dir="outputs")
     parser.add_argument("--save-model", type=str, default=None, help="also write the final EMA weights here")
     args = parser.parse_args(argv)
-    if args.results_dir == "results":
-        args.results_dir = "outputs"  # the reference writes outputs/<prefix>/checkpoints
 
     rt = setup_runtime(args.device)
     seed_everything(args.global_seed)  # same initial weights in every process and every run

@@ -114,7 +114,8 @@ def record_path(weights_path):
 
 def make_record(source_model, source_checkpoint, pruned_model, kept, source_depth, method, **extra):
     """The JSON record written beside a pruned checkpoint (extra: groups, scores, confidence, ...)."""
-    return {"source_model": source_model, "source_checkpoint": os.fspath(source_checkpoint),
+    return {"source_model": source_model,
+            "source_checkpoint": os.fspath(source_checkpoint) if source_checkpoint else None,
             "pruned_model": pruned_model, "source_depth": source_depth, "depth": len(kept), "kept": list(kept),
             "removed": [i for i in range(source_depth) if i not in kept], "method": method, **extra,
             "command": shlex.join([sys.executable] + sys.argv)}

@@ -1,0 +1,78 @@
+"""Recover a depth-pruned DiT/SiT with masked knowledge distillation (TinyFusion eq. 8).
+
+    torchrun --nnodes=1 --nproc_per_node=8 train_masked_kd.py --model DiT-D14/2 \
+        --load-weight outputs/pruned/DiT-D14-Learned.pt --data-path data/imagenet_encoded --epochs 100 \
+        --prefix D14-Learned-RepKD --teacher DiT-XL/2 --load-teacher pretrained/DiT-XL-2-256x256.pt
+
+The student->teacher layer map comes from the pruning record beside --load-weight (in each pruning
+group, the last kept student block <-> the teacher's last block of the group); --layer-map overrides it.
+Schedules are defined in steps (--max-steps, or --epochs x steps per epoch), never silently tied to
+the batch size.
+"""
+import argparse
+import os
+
+from models import family_of
+from tinyfusion.checkpoint import save_weights
+from tinyfusion.cli import add_model_args, create_model, open_training_data
+from tinyfusion.errors import UserError, run_main
+from tinyfusion.kd import MaskedKDObjective, layer_map_from_record, parse_layer_map
+from tinyfusion.objectives import add_transport_args, make_objective
+from tinyfusion.pruning import read_record
+from tinyfusion.runtime import seed_everything, setup_runtime
+from tinyfusion.trainer import Trainer, add_train_args, experiment_dir
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(parser, model="DiT-D14/2")
+    add_train_args(parser, lr=2e-4, ema_decay=0.9999, grad_clip=1.0)
+    add_transport_args(parser)
+    parser.set_defaults(lr_schedule="cosine", lr_min=1e-4, results_dir="outputs")  # paper Table 6
+    g = parser.add_argument_group("masked knowledge distillation")
+    g.add_argument("--teacher", type=str, default="DiT-XL/2")
+    g.add_argument("--load-teacher", type=str, default=None, help="teacher weights (required)")
+    g.add_argument("--layer-map", type=str, default=None, help="student:teacher pairs, e.g. '0:1,1:3'")
+    g.add_argument("--alpha-kd", type=float, default=0.9)
+    g.add_argument("--alpha-diff", type=float, default=0.1)
+    g.add_argument("--beta", type=float, default=None, help="initial L_Rep weight (default 1e-2; SiT 2e-4)")
+    g.add_argument("--beta-end", type=float, default=0.0)
+    g.add_argument("--mask-std", type=float, default=2.0, help="mask hidden entries beyond this many std")
+    g.add_argument("--save-model", type=str, default=None, help="also write the final EMA weights here")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if not args.load_teacher:
+        raise UserError("--load-teacher is required: the teacher's weights, e.g. pretrained/DiT-XL-2-256x256.pt")
+    family = family_of(args.model)
+    if family_of(args.teacher) != family:
+        raise UserError(f"teacher {args.teacher} and student {args.model} are different model families")
+    rt = setup_runtime(args.device)
+    seed_everything(args.global_seed)
+    store, shape = open_training_data(args, args.model)
+    student = create_model(args.model, shape, args.num_classes, args.load_weight)
+    teacher = create_model(args.teacher, shape, args.num_classes, args.load_teacher).to(rt.device)
+    if args.layer_map:
+        layer_map = parse_layer_map(args.layer_map, student.depth, teacher.depth)
+    else:
+        layer_map = layer_map_from_record(read_record(args.load_weight) if args.load_weight else None, teacher.depth)
+    if max(s for s, _ in layer_map) >= student.depth:
+        raise UserError(f"the layer map {layer_map} does not fit the student's depth {student.depth}: check --model "
+                        f"or pass --layer-map")
+    beta = args.beta if args.beta is not None else (2e-4 if family == "SiT" else 1e-2)
+    objective = MaskedKDObjective(make_objective(family, shape, args), student, teacher, layer_map,
+                                  args.alpha_kd, args.alpha_diff, beta, args.beta_end, args.mask_std)
+    trainer = Trainer(rt, student, objective, store, args, results_dir=experiment_dir(args, args.model))
+    trainer.logger.info(f"student {args.model} ({student.depth} blocks) <- teacher {args.teacher} "
+                        f"({teacher.depth} blocks); layer map {layer_map}; beta {beta} -> {args.beta_end}")
+    trainer.fit()
+    if args.save_model and rt.is_main:
+        save_weights(trainer.ema.state_dict(), args.save_model)
+        trainer.logger.info(f"saved EMA weights to {os.path.abspath(args.save_model)}")
+    rt.shutdown()
+
+
+if __name__ == "__main__":
+    run_main(main)
