@@ -1,4 +1,4 @@
-"""Prune a DiT/SiT by a per-block importance score (ShortGPT's BI by default).
+"""Prune a DiT/SiT/MAR by a per-block importance score (ShortGPT's BI by default).
 
     python prune_by_score.py --model DiT-XL/2 --ckpt pretrained/DiT-XL-2-256x256.pt \
         --save-model outputs/pruned/DiT-D14-Score.pt --n-pruned 14 --data-path data/imagenet_encoded
@@ -6,7 +6,7 @@
 Methods (higher importance = keep; the last block is never removed):
   bi             1 - mean cosine similarity between a block's input and output tokens (ShortGPT)
   sensitivity    calibration-loss increase when the block alone is skipped (same t and noise for all)
-  output-error   MSE of the model output when the block alone is skipped
+  output-error   MSE of the model output when the block alone is skipped (DiT/SiT only)
   magnitude      mean |weight| of the block;  random: seeded random scores
 Calibration uses --calib-batches x --batch-size real latents (a seeded random subset of the feature
 store at --data-path, default data/imagenet_encoded as in the README) with random t, the same t and
@@ -18,6 +18,7 @@ import torch
 
 from models import build_model, family_of
 from tinyfusion.checkpoint import load_weights
+from tinyfusion.cli import latent_shape_for, model_kwargs
 from tinyfusion.errors import UserError, run_main
 from tinyfusion.objectives import add_transport_args, make_objective
 from tinyfusion.pruning import SCORE_METHODS, check_n_pruned, choose_removed, score_blocks, write_pruned
@@ -48,14 +49,16 @@ def main(args):
     if args.image_size % 8:
         raise UserError(f"--image-size {args.image_size} is not divisible by 8 (the VAE's downsampling)")
     family = family_of(args.model)
-    if family not in ("DiT", "SiT"):
-        raise UserError(f"prune_by_score supports DiT and SiT models, not {args.model}; use prune_by_index.py")
+    if family == "MAR" and args.method == "output-error":  # MAR's forward returns its loss, not an output
+        raise UserError(f"--method output-error is for DiT/SiT; for {args.model} use bi, sensitivity, magnitude "
+                        f"or random")
     if args.calib_batches < 1 or args.batch_size < 1:
         raise UserError("--calib-batches and --batch-size must be at least 1")
-    kwargs = dict(input_size=args.image_size // 8, num_classes=args.num_classes)
+    latent_shape = latent_shape_for(args)
+    kwargs = model_kwargs(args.model, latent_shape, args.num_classes)
     with torch.device("meta"):
         meta = build_model(args.model, **kwargs)
-    depth, latent_shape = meta.depth, (meta.in_channels, meta.input_size, meta.input_size)
+    depth = meta.depth
     check_n_pruned(args.n_pruned, depth)  # every check before the expensive work
     rt = setup_runtime(args.device)
     needs_data = args.method in ("bi", "sensitivity", "output-error")

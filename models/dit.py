@@ -222,7 +222,8 @@ class DiT(nn.Module):
         """
         half = x[: len(x) // 2]
         model_out = self.forward(torch.cat([half, half], dim=0), t, y)
-        n = self.in_channels if guide_all_channels else 3
+        # min(3, .): a model with fewer than 3 latent channels must not guide its variance channels
+        n = self.in_channels if guide_all_channels else min(3, self.in_channels)
         eps, rest = model_out[:, :n], model_out[:, n:]
         cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
         half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)

@@ -13,7 +13,6 @@ import math
 import re
 
 import numpy as np
-import scipy.stats as stats
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -132,6 +131,7 @@ class MAR(nn.Module):
         self.buffer_size, self.diffusion_batch_mul = buffer_size, diffusion_batch_mul
         self.grad_checkpointing = grad_checkpointing
         # One mask ratio per batch: a left-truncated Gaussian at 1.0 (std 0.25) cut at mask_ratio_min.
+        import scipy.stats as stats  # lazy: scipy.stats costs ~2 s at import in every script
         self.mask_ratio_generator = stats.truncnorm((mask_ratio_min - 1.0) / 0.25, 0, loc=1.0, scale=0.25)
 
         # (the official hard-codes 1000 rows; equal for ImageNet)

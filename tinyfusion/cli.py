@@ -16,8 +16,31 @@ def add_model_args(parser, model="DiT-XL/2", data=True):
     return g
 
 
-def latent_shape_for(args, store=None):
-    """(C, H, W) the model works on: the store's shape when it is pixel space, else 4 x image/8."""
+MAR_VAE_STRIDE, MAR_LATENT_CHANNELS = 16, 16  # MAR works on KL-16 latents: 16 channels, image / 16
+
+
+def model_family(name):
+    """'DiT', 'SiT' or 'MAR' of a registry name or a pruning preset (MAR-L-1-2 -> MAR)."""
+    from models.layer_mask import is_preset, resolve_preset
+    return family_of(resolve_preset(name)[0] if is_preset(name) else name)
+
+
+def _is_mar(name):
+    try:
+        return model_family(name) == "MAR"
+    except UserError:  # unknown names are reported by whoever builds the model
+        return False
+
+
+def latent_shape_for(args, store=None, model_name=None):
+    """(C, H, W) the model works on: MAR 16 x image/16 (KL-16); else the store's shape when it is pixel
+    space, else 4 x image/8 (SD VAE). `model_name` defaults to args.model."""
+    if _is_mar(model_name or args.model):
+        if args.image_size % MAR_VAE_STRIDE:
+            raise UserError(f"--image-size {args.image_size} is not a multiple of 16 (MAR's KL-16 stride): use e.g. "
+                            f"{max(16, args.image_size // 16 * 16)}")
+        side = args.image_size // MAR_VAE_STRIDE
+        return (MAR_LATENT_CHANNELS, side, side)
     if args.image_size % 8:
         raise UserError(f"--image-size {args.image_size} is not a multiple of 8: use e.g. {args.image_size // 8 * 8 or 8}")
     if store is not None and (getattr(store, "manifest", {}) or {}).get("vae") == "none":
@@ -31,20 +54,22 @@ def open_training_data(args, model_name):
     """The feature store of --data-path, checked against the model's latent shape and classes."""
     from .data import open_feature_store
     store = open_feature_store(args.data_path)
-    shape = latent_shape_for(args, store)
+    shape = latent_shape_for(args, store, model_name)
     store.check_latent_shape(shape, model_name)
     store.check_num_classes(args.num_classes)
     return store, shape
 
 
+def model_kwargs(name, latent_shape, num_classes):
+    """Constructor keywords of registry model `name` for latents of `latent_shape` (C, H, W)."""
+    if family_of(name) == "MAR":  # MAR's own keywords: image size in pixels (latent side x stride) and class_num
+        return dict(img_size=latent_shape[-1] * MAR_VAE_STRIDE, vae_stride=MAR_VAE_STRIDE, class_num=num_classes)
+    return dict(input_size=latent_shape[-1], in_channels=latent_shape[0], num_classes=num_classes)
+
+
 def create_model(name, latent_shape, num_classes, weights=None, **kwargs):
     """A registry model for latents of `latent_shape`, optionally with strictly loaded weights."""
-    family = family_of(name)
-    if family == "MAR":
-        model = build_model(name, **kwargs)
-    else:
-        model = build_model(name, input_size=latent_shape[-1], in_channels=latent_shape[0],
-                            num_classes=num_classes, **kwargs)
+    model = build_model(name, **{**model_kwargs(name, latent_shape, num_classes), **kwargs})
     if weights:
         load_weights(model, weights, name)
     return model

@@ -186,12 +186,8 @@ def sample_digits(model, labels, num_steps=50, cfg_scale=1.0, seed=0, sampler="d
     run = make_sampler("DiT", args)
     seeds = [seed * 2**20 + i for i in range(len(labels))]
     noise_fn = per_sample_noise(seeds, device)
-    z = noise_fn(torch.empty(len(labels), *model_input_shape(model)))
+    z = noise_fn(torch.empty(len(labels), model.in_channels, model.input_size, model.input_size))
     y = torch.as_tensor(np.asarray(labels), device=device)
     with torch.no_grad():
         x = run(model, z, y, cfg_scale, use_cfg=cfg_scale > 1.0, noise_fn=noise_fn)
     return to_uint8_gray(x.clamp(-1, 1).cpu())
-
-
-def model_input_shape(model):
-    return (model.in_channels, model.x_embedder.img_size[0], model.x_embedder.img_size[1])

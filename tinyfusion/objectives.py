@@ -49,7 +49,8 @@ class TransportObjective:
 
 
 def make_objective(family, latent_shape, args=None, class_dropout_prob=0.1):
-    """The default objective of a model family: DDPM for DiT, the SiT transport from args for SiT."""
+    """The default objective of a model family: DDPM for DiT, the SiT transport from args for SiT, MAR's
+    masked-token DiffLoss for MAR (latent_shape (16, image/16, image/16))."""
     if family == "DiT":
         return DiffusionObjective(latent_shape, class_dropout_prob)
     if family == "SiT":
@@ -58,6 +59,9 @@ def make_objective(family, latent_shape, args=None, class_dropout_prob=0.1):
                                      getattr(args, "loss_weight", None), getattr(args, "train_eps", None),
                                      getattr(args, "sample_eps", None))
         return TransportObjective(latent_shape, transport, class_dropout_prob)
+    if family == "MAR":
+        from .mar_objectives import MARObjective
+        return MARObjective(latent_shape, label_drop_prob=class_dropout_prob)
     raise ValueError(f"no default objective for model family {family}")
 
 

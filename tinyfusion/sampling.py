@@ -7,7 +7,9 @@ image's per-step noise from that image's own generator instead, which makes ever
 of (global seed, index) only.
 """
 import functools
+import os
 
+import numpy as np
 import torch
 
 from .errors import UserError
@@ -103,12 +105,27 @@ class SiTSampler:
 
 
 class MARSampler:
+    """MAR's autoregressive sampler: `num_iter` steps of the cosine schedule, DiffLoss per token, KL-16 latents out."""
+
     def __init__(self, args):
+        from models.mar import CFG_SCHEDULES
         self.num_iter, self.schedule, self.temperature = args.num_iter, args.cfg_schedule, args.temperature
+        if args.cfg_schedule not in CFG_SCHEDULES:
+            raise UserError(f"--cfg-schedule {args.cfg_schedule!r} is not a MAR schedule: use one of "
+                            f"{', '.join(CFG_SCHEDULES)}")
+        if args.num_iter < 1:
+            raise UserError(f"--num-iter {args.num_iter} must be at least 1 (MAR's default is 64; 256 for the paper FID)")
+        vae = getattr(args, "vae", "")  # checked here, before any model is loaded
+        if vae != "" and not os.path.isfile(str(vae)):
+            raise UserError(f"--vae {vae} is not a file: MAR decodes (and its 16-channel latents only become images) "
+                            f"with its own KL-16 VAE; pass --vae <path to MAR's kl16.ckpt>")
         self.name = f"iter{args.num_iter}-{args.cfg_schedule}-temp{args.temperature}"
 
     def __call__(self, model, z, y, cfg_scale, use_cfg=True, noise_fn=None, progress=False):
-        # MAR draws its own orders and DiffLoss noise; z only fixes the batch size and device.
+        # MAR draws its orders from numpy's global RNG and its DiffLoss noise from torch's. Seeding numpy from
+        # torch's global RNG (which the scripts seed per run, sample_ddp per chunk) makes the samples a function
+        # of the torch seed alone. z only fixes the batch size (MAR starts from empty tokens, not noise).
+        np.random.seed(int(torch.randint(0, 2**32, ()).item()))
         with torch.no_grad():
             return model.sample_tokens(len(y), num_iter=self.num_iter, cfg=cfg_scale if use_cfg else 1.0,
                                        cfg_schedule=self.schedule, labels=y, temperature=self.temperature,

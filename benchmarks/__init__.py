@@ -1,0 +1,1 @@
+"""Benchmarks of sampling, training, data loading and evaluation (see benchmarks/README.md)."""

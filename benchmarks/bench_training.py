@@ -1,0 +1,146 @@
+"""Training-step cost of the TinyFusion stages, each relative to a plain step of the unpruned model.
+
+    python benchmarks/bench_training.py                               # CPU: DiT-B/2 at 128 px, batch 2
+    python benchmarks/bench_training.py --model DiT-XL/2 --image-size 256 --batch-size 16 --precision bf16
+
+Rows (all through the real `tinyfusion.trainer.Trainer.train_step`: autocast, AdamW, grad clip, EMA):
+  plain        ordinary diffusion training of the unpruned model (what train.py runs)
+  mask+lora    learnable N:M (1:2) layer masks with LoRA deltas (prune_by_learning --delta-w --lora)
+  mask+full    the same with full-weight deltas (--delta-w)
+  mask-only    masks alone, weights frozen
+  plain-D/2    plain training of the half-depth student (fine-tuning after pruning)
+  kd           masked KD of the half-depth student from the unpruned teacher (train_masked_kd.py)
+Peak memory covers the whole configuration (weights, EMA copy, optimizer state, activations; the
+teacher too for kd): CUDA max_memory_allocated, CPU the rise of peak RSS (approximate).
+"""
+import argparse
+import os
+import sys
+import tempfile
+
+if __package__ in (None, ""):  # `python benchmarks/bench_training.py`: make the repo root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+
+from benchmarks.common import (PeakMemory, add_common_args, bench_model, fmt_bytes, fmt_ratio, hardware,
+                               markdown_table, ratio, release_memory, resolve, set_tf32, time_calls)
+from models import family_of
+from models.layer_mask import parse_groups
+from tinyfusion.errors import UserError
+from tinyfusion.logging import RunLogger
+from tinyfusion.mask_learning import MaskLearningObjective, prepare_mask_learning
+from tinyfusion.objectives import make_objective
+from tinyfusion.runtime import Runtime
+from tinyfusion.trainer import Trainer, add_train_args
+
+try:  # masked KD may be missing from older checkouts; the row is then skipped
+    from tinyfusion.kd import MaskedKDObjective, layer_map_from_record
+except ImportError:
+    MaskedKDObjective = None
+
+CONFIGS = ("plain", "mask+lora", "mask+full", "mask-only", "plain-D/2", "kd")
+PRESETS = dict(cpu=dict(model="DiT-B/2", image_size=128, batch_size=2, iters=3),
+               cuda=dict(model="DiT-XL/2", image_size=256, batch_size=16, warmup=3, iters=10),
+               smoke=dict(model="DiT-B/2", image_size=32, batch_size=2, iters=1))
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser)
+    parser.add_argument("--model", type=str, default=None, help="DiT or SiT registry name (CPU DiT-B/2, CUDA DiT-XL/2)")
+    parser.add_argument("--image-size", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=None, help="images per step")
+    parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="Trainer autocast")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (Trainer --compile)")
+    parser.add_argument("--no-tf32", action="store_true", help="CUDA: keep matmuls in full fp32")
+    parser.add_argument("--lora-rank", type=int, default=8)
+    return parser
+
+
+def trainer_args(args, results_dir):
+    """train.py's own defaults (add_train_args), with the benchmark's batch and switches."""
+    parser = argparse.ArgumentParser()
+    add_train_args(parser)
+    a = parser.parse_args([])
+    a.global_batch_size, a.max_steps, a.precision, a.compile = args.batch_size, 10**6, args.precision, args.compile
+    a.grad_clip, a.results_dir, a.num_workers = 1.0, results_dir, 0  # grad clip 1.0: mask learning and KD use it
+    return a
+
+
+def setup(config, args, device):
+    """(model, objective, optimizer param groups or None) of one configuration, random weights."""
+    torch.manual_seed(0)
+    with torch.device("meta"):  # the unpruned depth, without allocating a model
+        depth = bench_model(args.model, args.image_size, args.smoke).depth
+    half = config in ("plain-D/2", "kd")
+    model = bench_model(args.model, args.image_size, args.smoke, **({"depth": depth // 2} if half else {}))
+    family = family_of(args.model)
+    shape = (model.in_channels, model.input_size, model.input_size)
+    objective, groups = make_objective(family, shape), None
+    if config.startswith("mask"):
+        mask, groups = prepare_mask_learning(model, parse_groups("1:2", depth), delta_w=config != "mask-only",
+                                             lora=config == "mask+lora", lora_rank=args.lora_rank)
+        objective = MaskLearningObjective(objective, mask)
+    elif config == "kd":
+        teacher = bench_model(args.model, args.image_size, args.smoke).to(device)
+        # the layer map the KD script derives for a 1:2 pruning that kept every second block
+        record = {"source_depth": depth, "kept": list(range(1, depth, 2)), "groups": [[1, 2]] * (depth // 2)}
+        objective = MaskedKDObjective(objective, model, teacher, layer_map_from_record(record, depth))
+    return model, objective, groups
+
+
+def measure(config, args, device, workdir):
+    with PeakMemory(device) as mem:
+        model, objective, groups = setup(config, args, device)
+        trainer = Trainer(Runtime(device=device), model, objective, range(args.batch_size), trainer_args(args, workdir),
+                          param_groups=groups, logger=RunLogger(None, is_main=False))
+        if isinstance(objective, MaskLearningObjective):
+            objective.ema_mask = trainer.ema.model.layer_mask
+        x = torch.randn(args.batch_size, model.in_channels, model.input_size, model.input_size, device=device)
+        y = torch.randint(0, model.num_classes, (args.batch_size,), device=device)
+        seconds = time_calls(lambda: trainer.train_step(x, y), device, args.warmup, args.iters)
+        trainable = sum(p.numel() for g in trainer.opt.param_groups for p in g["params"])
+        total = sum(p.numel() for p in model.parameters())
+    row = {"config": config, "depth": model.depth, "trainable_pct": 100 * trainable / total, "seconds": seconds,
+           "steps_per_s": 1 / seconds, "images_per_s": args.batch_size / seconds, "peak_bytes": mem.peak}
+    del trainer, model, objective
+    release_memory()
+    return row
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    device = resolve(args, PRESETS["cpu"], PRESETS["cuda"], PRESETS["smoke"])
+    set_tf32(device, not args.no_tf32)
+    if family_of(args.model) not in ("DiT", "SiT"):
+        raise UserError(f"--model {args.model}: the training benchmark covers DiT and SiT models (the library has "
+                        f"no MAR training objective)")
+    configs = [c for c in args.configs if c != "kd" or MaskedKDObjective is not None]
+    with tempfile.TemporaryDirectory() as workdir:
+        # prime one-time costs (lazy library init, allocator pools) so they do not land on the first row
+        measure("plain", argparse.Namespace(**{**vars(args), "smoke": True, "image_size": 32, "batch_size": 2,
+                                               "warmup": 0, "iters": 1}), device, workdir)
+        rows = [measure(c, args, device, workdir) for c in configs]
+    base = next((r for r in rows if r["config"] == "plain"), rows[0])
+    for r in rows:
+        r["time_ratio"], r["memory_ratio"] = ratio(r["seconds"], base["seconds"]), ratio(r["peak_bytes"], base["peak_bytes"])
+
+    print(f"\n## Training step: {args.model}, batch {args.batch_size}, {args.image_size} px, {args.precision}"
+          f"{', compiled' if args.compile else ''}{' (smoke: tiny widths, numbers meaningless)' if args.smoke else ''}")
+    print(hardware(device) + f"; median of {args.iters} step(s) after {args.warmup} warm-up\n")
+    print(markdown_table(
+        ["config", "depth", "trainable %", "steps/s", "images/s", "peak memory", f"time x {base['config']}",
+         f"memory x {base['config']}"],
+        [[r["config"], r["depth"], f"{r['trainable_pct']:.3g}", f"{r['steps_per_s']:.3f}", f"{r['images_per_s']:.2f}",
+          fmt_bytes(r["peak_bytes"]), fmt_ratio(r["time_ratio"]), fmt_ratio(r["memory_ratio"])] for r in rows]))
+    if MaskedKDObjective is None and "kd" in args.configs:
+        print("\n(kd skipped: tinyfusion.kd is not available in this checkout)")
+    print("\n(gradient checkpointing: not exposed by the DiT/SiT models; fused AdamW: always on for CUDA in Trainer)")
+    return rows
+
+
+if __name__ == "__main__":
+    from tinyfusion.errors import run_main
+    run_main(main)

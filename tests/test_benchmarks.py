@@ -1,0 +1,104 @@
+"""Smoke tests of benchmarks/: each script runs one tiny iteration, prints its table, and its numbers
+agree with what a separate computation says they must be."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from scipy import linalg
+
+from benchmarks import bench_evaluator, bench_loader, bench_sampling, bench_training
+from conftest import ROOT
+
+SMOKE = ["--smoke", "--device", "cpu"]
+
+
+@pytest.fixture(autouse=True)
+def keep_torch_state():
+    """The scripts set torch's thread count and global seed; give the rest of the suite its own back."""
+    threads, rng = torch.get_num_threads(), torch.get_rng_state()
+    yield
+    torch.set_num_threads(threads)
+    torch.set_rng_state(rng)
+
+
+def table_rows(text):
+    """Cells of the Markdown table rows in `text` (header and separator excluded)."""
+    lines = [line for line in text.splitlines() if line.startswith("| ")]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines[1:]]
+
+
+@pytest.mark.parametrize("family,names", [("DiT", ["DiT-XL/2", "DiT-D19/2", "DiT-D14/2", "DiT-D7/2"]),
+                                          ("SiT", ["SiT-XL/2", "SiT-D14/2"]), ("MAR", ["MAR-L", "MAR-L-D16"])])
+def test_sampling_table(family, names, capsys):
+    rows = bench_sampling.main(SMOKE + ["--family", family])
+    printed = table_rows(capsys.readouterr().out)
+    assert [r[0] for r in printed] == names
+    depths = {"DiT-XL/2": 28, "DiT-D19/2": 19, "DiT-D14/2": 14, "DiT-D7/2": 7, "SiT-XL/2": 28, "SiT-D14/2": 14,
+              "MAR-L": 32, "MAR-L-D16": 16}  # the registry's (paper's) depths, kept by the smoke models
+    assert [int(r[1]) for r in printed] == [depths[n] for n in names]
+    for row, cells in zip(rows, printed):  # speedup = reference seconds / seconds; images/s = batch 2 / seconds
+        assert cells[6] == f"{rows[0]['seconds'] / row['seconds']:.2f}x"
+        assert float(cells[5]) == pytest.approx(2 / row["seconds"], rel=1e-3, abs=1e-3)
+
+
+def test_training_table(capsys):
+    rows = bench_training.main(SMOKE)
+    printed = table_rows(capsys.readouterr().out)
+    assert [r[0] for r in printed] == list(bench_training.CONFIGS)
+    by = {r["config"]: r for r in rows}
+    assert [by[c]["depth"] for c in ("plain", "mask+lora", "plain-D/2", "kd")] == [12, 12, 6, 6]
+    # mask-only trains exactly the gate logits: 6 groups of 1:2 -> 2 options each
+    from models import build_model
+    total = sum(p.numel() for p in build_model("DiT-B/2", input_size=4, hidden_size=64, num_heads=4).parameters())
+    assert by["mask-only"]["trainable_pct"] == pytest.approx(100 * 12 / (total + 12))
+    assert by["mask-only"]["trainable_pct"] < by["mask+lora"]["trainable_pct"] < by["mask+full"]["trainable_pct"]
+    for r, cells in zip(rows, printed):
+        assert cells[6] == f"{r['seconds'] / by['plain']['seconds']:.2f}x"
+        assert r["peak_bytes"] is not None and cells[5] != "n/a"  # Linux: the RSS peak is readable
+
+
+def test_loader_table_and_check(tmp_path, capsys):
+    rows = bench_loader.main(SMOKE + ["--root", str(tmp_path)])
+    printed = table_rows(capsys.readouterr().out)
+    assert [r["files"] for r in rows] == [2, 2 * 200]  # latents + labels shard; a feature and a label per image
+    assert printed[0][5] == f"{rows[0]['images_per_s'] / rows[1]['images_per_s']:.2f}x" and printed[1][5] == "1.00x"
+    # the content check the benchmark runs first must catch a store that differs from its source
+    latents, labels = bench_loader.source_arrays(200, (4, 32, 32))
+    from tinyfusion.data import open_feature_store
+    store = open_feature_store(tmp_path / "sharded")
+    bench_loader.check_store(store, latents, labels, lambda i: i, [(5, 0), (7, 1)])
+    with pytest.raises(RuntimeError, match="differs"):
+        bench_loader.check_store(store, latents, labels, lambda i: i + 1, [(5, 0)])
+
+
+def test_evaluator_table(capsys):
+    rows = bench_evaluator.main(SMOKE)
+    printed = table_rows(capsys.readouterr().out)
+    assert len(printed) == 4 and printed[0][2] == f"{rows[0]['images_per_s']:.1f} images/s"
+    # FID of the smoke features by the eigenvalue form: tr(sqrt(S1 S2)) = sum sqrt(eig(S1 S2))
+    sam_ref = bench_evaluator.random_features(256, 64, seed=1)
+    ref, sam = (x.astype(np.float64) for x in sam_ref)
+    s1, s2 = np.cov(sam, rowvar=False), np.cov(ref, rowvar=False)
+    diff = sam.mean(0) - ref.mean(0)
+    fid = diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(linalg.eigvals(s1 @ s2)).real.sum()
+    assert rows[2]["fid"] == pytest.approx(fid, rel=1e-4)
+    # precision/recall by brute force in float64 (the evaluator's float16 distances may flip a few border cases)
+    ref, sam = (x.astype(np.float64) for x in bench_evaluator.random_features(256, 64, seed=2))
+
+    def radii(x):
+        return np.sort(((x[:, None] - x[None]) ** 2).sum(-1), axis=1)[:, 3]
+    d = ((ref[:, None] - sam[None]) ** 2).sum(-1)
+    precision, recall = (d <= radii(ref)[:, None]).any(0).mean(), (d <= radii(sam)[None]).any(1).mean()
+    assert rows[3]["precision"] == pytest.approx(precision, abs=0.02)
+    assert rows[3]["recall"] == pytest.approx(recall, abs=0.02)
+
+
+def test_script_runs_standalone(tmp_path):
+    """`python benchmarks/<script>.py` (not only the package import) finds the repo and prints its table."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_loader.py"), *SMOKE,
+                          "--root", str(tmp_path)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "| sharded (manifest + shards) |" in out.stdout and "x reference" in out.stdout
