@@ -5,6 +5,9 @@ weights), same resize, features and metric numerics. Example:
 
     python evaluator.py VIRTUAL_imagenet256_labeled.npz samples/DiT-XL-2.npz \
         --inception-weights pt_inception-2015-12-05-6726825d.pth
+
+The digits demo swaps the feature network, not the metrics: `--feature-net digits` uses the shipped
+digit classifier (tinyfusion/digits.py; no sFID) against prepare_digits.py's data/digits_ref.npz.
 """
 import argparse
 import json
@@ -22,12 +25,20 @@ def main():
     parser.add_argument("sample_batch", help="sample batch npz (arr_0: uint8 N x H x W x 3)")
     parser.add_argument("--inception-weights", default=None,
                         help=f"pytorch-fid Inception weights (.pth); default ${WEIGHTS_ENV}")
+    parser.add_argument("--feature-net", choices=["inception", "digits"], default="inception",
+                        help="features for the metrics: ADM's Inception, or the digits demo's classifier")
+    parser.add_argument("--digits-classifier", default=None,
+                        help="--feature-net digits: classifier weights (default assets/digits_classifier.safetensors)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default=None, help="also write the metrics to this JSON file")
     args = parser.parse_args()
 
-    extractor = InceptionExtractor(load_inception(args.inception_weights), args.device)
+    if args.feature_net == "digits":
+        from tinyfusion.digits import DigitsExtractor, load_digits_classifier
+        extractor = DigitsExtractor(load_digits_classifier(args.digits_classifier), args.device)
+    else:
+        extractor = InceptionExtractor(load_inception(args.inception_weights), args.device)
     results = evaluate(args.ref_batch, args.sample_batch, extractor, batch_size=args.batch_size,
                        device=args.device, progress=True, log=print)
     print(format_report(results))

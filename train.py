@@ -4,13 +4,13 @@
         --load-weight outputs/pruned/DiT-D14-Learned.pt --data-path data/imagenet_encoded \
         --epochs 100 --prefix D14-Learned-Finetuning
 
-Also runs as plain `python train.py ...` (one process, GPU if present, else CPU).
+Also runs as plain `python train.py ...` (one process, GPU if present, else CPU). MAR's recipe:
+--lr 8e-4 (1e-4 x batch/256) --lr-schedule constant --warmup-steps <100 epochs> --weight-decay 0.02
+--grad-clip 3.0 (its AdamW groups and betas (0.9, 0.95) are set automatically).
 """
 import argparse
-import os
 
 from models import family_of
-from tinyfusion.checkpoint import save_weights
 from tinyfusion.cli import add_model_args, create_model, open_training_data
 from tinyfusion.errors import run_main
 from tinyfusion.objectives import add_transport_args, make_objective
@@ -35,14 +35,15 @@ def main(argv=None):
     store, shape = open_training_data(args, args.model)
     model = create_model(args.model, shape, args.num_classes, args.load_weight)
     objective = make_objective(family, shape, args)
-    trainer = Trainer(rt, model, objective, store, args, results_dir=experiment_dir(args, args.model))
+    groups = None
+    if family == "MAR":  # MAR's AdamW groups: betas (0.9, 0.95), no decay on 1-D params, biases, DiffLoss
+        from tinyfusion.mar_objectives import mar_param_groups
+        groups = mar_param_groups(model, args.weight_decay)
+    trainer = Trainer(rt, model, objective, store, args, param_groups=groups,
+                      results_dir=experiment_dir(args, args.model))
     trainer.logger.info(f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters, "
                         f"{len(store):,} training latents from {args.data_path}")
-    trainer.fit()
-    if args.save_model and rt.is_main:
-        save_weights(trainer.ema.state_dict(), args.save_model)
-        trainer.logger.info(f"saved EMA weights to {os.path.abspath(args.save_model)}")
-    rt.shutdown()
+    trainer.fit().finish(args.save_model)
 
 
 if __name__ == "__main__":

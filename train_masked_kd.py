@@ -10,10 +10,8 @@ Schedules are defined in steps (--max-steps, or --epochs x steps per epoch), nev
 the batch size.
 """
 import argparse
-import os
 
 from models import family_of
-from tinyfusion.checkpoint import save_weights
 from tinyfusion.cli import add_model_args, create_model, open_training_data
 from tinyfusion.errors import UserError, run_main
 from tinyfusion.kd import MaskedKDObjective, layer_map_from_record, parse_layer_map
@@ -61,17 +59,13 @@ def main(argv=None):
     if max(s for s, _ in layer_map) >= student.depth:
         raise UserError(f"the layer map {layer_map} does not fit the student's depth {student.depth}: check --model "
                         f"or pass --layer-map")
-    beta = args.beta if args.beta is not None else (2e-4 if family == "SiT" else 1e-2)
+    beta = args.beta if args.beta is not None else (2e-4 if family == "SiT" else 1e-2)  # paper Table 6
     objective = MaskedKDObjective(make_objective(family, shape, args), student, teacher, layer_map,
                                   args.alpha_kd, args.alpha_diff, beta, args.beta_end, args.mask_std)
     trainer = Trainer(rt, student, objective, store, args, results_dir=experiment_dir(args, args.model))
     trainer.logger.info(f"student {args.model} ({student.depth} blocks) <- teacher {args.teacher} "
                         f"({teacher.depth} blocks); layer map {layer_map}; beta {beta} -> {args.beta_end}")
-    trainer.fit()
-    if args.save_model and rt.is_main:
-        save_weights(trainer.ema.state_dict(), args.save_model)
-        trainer.logger.info(f"saved EMA weights to {os.path.abspath(args.save_model)}")
-    rt.shutdown()
+    trainer.fit().finish(args.save_model)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,8 @@ if __package__ in (None, ""):  # `python benchmarks/bench_sampling.py`: make the
 
 import torch
 
-from benchmarks.common import (add_common_args, bench_model, fmt_ratio, hardware, markdown_table, ratio, release_memory,
-                               resolve, set_tf32, time_calls)
+from benchmarks.common import (add_common_args, bench_model, fmt_ratio, hardware, markdown_table, ratio, resolve,
+                               set_tf32, time_interleaved)
 from tinyfusion.objectives import add_transport_args
 from tinyfusion.sampling import add_sampler_args, make_sampler
 
@@ -28,7 +28,7 @@ MODELS = {"DiT": ["DiT-XL/2", "DiT-D19/2", "DiT-D14/2", "DiT-D7/2"],
           "MAR": ["MAR-L", "MAR-L-D16"]}
 PAPER = {"DiT-D19/2": 1.46, "DiT-D14/2": 1.96, "DiT-D7/2": 3.88}  # TinyFusion's speedups over DiT-XL/2
 TARGETS = {"DiT-D14/2": 1.95, "DiT-D7/2": 3.8}
-PRESETS = dict(cpu=dict(image_size=128, batch_size=2, steps=3, iters=2),
+PRESETS = dict(cpu=dict(image_size=128, batch_size=1, steps=2, iters=2),
                cuda=dict(image_size=256, batch_size=32, steps=10, warmup=2, iters=3),
                smoke=dict(image_size=32, batch_size=2, steps=1, iters=1))
 
@@ -60,7 +60,8 @@ def sampler_args(family, steps):
     return parser.parse_args(argv)
 
 
-def measure(name, sampler, args, device):
+def prepare(name, sampler, args, device):
+    """(info row, zero-argument sampling call) of one model with random weights."""
     torch.manual_seed(0)
     model = bench_model(name, args.image_size, args.smoke).to(device).eval()
     if hasattr(model, "in_channels"):
@@ -73,12 +74,7 @@ def measure(name, sampler, args, device):
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
             sampler(model, z, y, args.cfg_scale)
 
-    seconds = time_calls(call, device, args.warmup, args.iters)
-    row = {"model": name, "depth": model.depth, "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
-           "seconds": seconds, "images_per_s": args.batch_size / seconds}
-    del model
-    release_memory()
-    return row
+    return {"model": name, "depth": model.depth, "params_m": sum(p.numel() for p in model.parameters()) / 1e6}, call
 
 
 def main(argv=None):
@@ -87,13 +83,14 @@ def main(argv=None):
     set_tf32(device, not args.no_tf32)
     names = args.models or MODELS[args.family]
     sampler = make_sampler(args.family, sampler_args(args.family, args.steps))
-    rows = [measure(name, sampler, args, device) for name in names]
-    for row in rows:
-        row["speedup"] = ratio(rows[0]["seconds"], row["seconds"])
+    rows, calls = zip(*(prepare(name, sampler, args, device) for name in names))  # all models stay loaded
+    times = time_interleaved(calls, device, args.warmup, args.iters)
+    for row, seconds in zip(rows, times):
+        row.update(seconds=seconds, images_per_s=args.batch_size / seconds, speedup=ratio(times[0], seconds))
 
     print(f"\n## Sampling throughput: {sampler.name}, batch {args.batch_size} (CFG x2), {args.image_size} px, "
           f"{args.precision}{' (smoke: tiny widths, numbers meaningless)' if args.smoke else ''}")
-    print(hardware(device) + f"; median of {args.iters} call(s) after {args.warmup} warm-up\n")
+    print(hardware(device) + f"; median of {args.iters} round-robin call(s) after {args.warmup} warm-up\n")
     print(markdown_table(
         ["model", "depth", "params (M)", "s / call", "ms / step", "images/s", f"speedup vs {names[0]}", "paper"],
         [[r["model"], r["depth"], f"{r['params_m']:.1f}", f"{r['seconds']:.3f}",
@@ -105,7 +102,7 @@ def main(argv=None):
         verdict = f"; target >= {target}x: {'met' if r['speedup'] >= target else 'NOT met'}" if target else ""
         print(f"{r['model']} samples {r['speedup']:.2f}x faster than {names[0]} "
               f"(depth {r['depth']}/{rows[0]['depth']} = {rows[0]['depth'] / r['depth']:.2f}x fewer blocks){verdict}")
-    return rows
+    return list(rows)
 
 
 if __name__ == "__main__":

@@ -82,16 +82,24 @@ def sync(device):
 
 def time_calls(fn, device, warmup, iters):
     """Median seconds of `fn()` over `iters` calls, after `warmup` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
+    return time_interleaved([fn], device, warmup, iters)[0]
+
+
+def time_interleaved(fns, device, warmup, iters):
+    """Median seconds of each of `fns`, called round-robin so that load drifting over the run (a shared
+    machine) hits every candidate alike instead of skewing their ratios."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times = [[] for _ in fns]
     for _ in range(max(1, iters)):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, out in zip(fns, times):
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            out.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
 def _rss(field):

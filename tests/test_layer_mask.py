@@ -17,14 +17,6 @@ from tinyfusion.pruning import read_record, write_pruned
 TINY = dict(input_size=8, patch_size=2, hidden_size=32, num_heads=4, num_classes=10)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run 10-50x faster on one thread when the shared cores are busy (no spin-waiting)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def tiny_model(cls=DiT, depth=8, seed=0):
     """A tiny DiT/SiT with every weight random (the official init zeroes adaLN: every block would be identity)."""

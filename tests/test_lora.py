@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from models import DiT, build_model
 from models.lora import LoRALinear, apply_lora, lora_state_dict, merge_lora, strip_lora
-from test_layer_mask import inputs, one_thread, tiny_model  # noqa: F401 (one_thread: autouse fixture)
+from test_layer_mask import inputs, tiny_model
 
 
 def _randomize_b(model):

@@ -17,14 +17,6 @@ KEYS = Path(__file__).parent / "fixtures" / "keys"
 BLOCK_PARAMS = lambda d: 12 * d * d + 13 * d  # one ViT block (mar.md section 2)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: thread hand-offs cost more than the math, badly so on a shared 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def tiny_mar(**kw):
     """4x4 = 16 tokens of 16 channels, width 32, 2 + 2 blocks, a 2-block DiffLoss, 5 sampling steps."""

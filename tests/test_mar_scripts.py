@@ -139,7 +139,7 @@ def test_kd_terms_share_all_randomness():
     # A different student: z differs, and masked_token_mean matches a hand-written masked average.
     torch.nn.init.zeros_(student.decoder_blocks[0].mlp.fc2.weight)
     out = mar_kd_terms(student, teacher, x, y, d)
-    err = ((out["student_z"] - out["teacher_z"]) ** 2).mean(-1)
+    err = ((out["student_z"] - out["teacher_z"]) ** 2).mean(-1).detach()
     assert err.abs().sum() > 0
     expected = [float(err[b][d["mask"][b] == 1].mean()) for b in range(3)]
     torch.testing.assert_close(masked_token_mean(err, d["mask"]), torch.tensor(expected))
@@ -217,6 +217,20 @@ def test_prune_by_learning_end_to_end(tiny, tmp_path):
     assert len(kept) == 2 and kept[0] in (0, 1) and kept[1] in (2, 3)  # one encoder + one decoder block
     assert record["pruned_model"] == "MAR-B-D2"
     assert_matches_masked_full(tiny.ckpt, str(out), kept)
+
+
+def test_train_masked_kd_end_to_end(tiny, tmp_path):
+    """MAR student (1+1 blocks) distilled from the trained 2+2 teacher; the layer map comes from the record."""
+    from prune_by_index import build_parser, main as index_main
+    from train_masked_kd import main as kd_main
+    student = str(tmp_path / "student.pt")
+    index_main(build_parser().parse_args(["--model", "MAR-B", "--ckpt", tiny.ckpt, "--kept-indices", "[1, 3]",
+                                          "--save-model", student, *SIZE]))
+    kd_main(["--model", "MAR-B-D2", "--load-weight", student, "--teacher", "MAR-B", "--load-teacher", tiny.ckpt,
+             "--data-path", tiny.store, *SIZE, "--num-workers", "0", "--global-batch-size", "8", "--max-steps", "3",
+             "--log-every", "1", "--results-dir", str(tmp_path), "--prefix", "kd"])
+    log = open(tmp_path / "kd" / "log.txt").read()
+    assert "layer map [(0, 1), (1, 3)]" in log and "(step=0000003)" in log
 
 
 @pytest.mark.parametrize("kept,name", [([1, 2], "MAR-B-D2"), ([0, 1, 3], "MAR-B-E2D1")])

@@ -16,7 +16,7 @@ from tinyfusion.errors import UserError, run_main
 from tinyfusion.objectives import DiffusionObjective
 from tinyfusion.pruning import (ORACLE_KEPT, choose_removed, kept_state_dict, parse_kept_indices, pruned_model_name,
                                 read_record, save_pruned, score_blocks)
-from test_layer_mask import TINY, one_thread, tiny_model  # noqa: F401 (one_thread: autouse fixture)
+from test_layer_mask import TINY, tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -7,7 +7,7 @@ from .errors import UserError
 def add_model_args(parser, model="DiT-XL/2", data=True):
     g = parser.add_argument_group("model and data")
     g.add_argument("--model", type=str, default=model, help="registry name, e.g. DiT-XL/2, DiT-D14/2, SiT-XL/2")
-    g.add_argument("--image-size", type=int, default=256, help="any multiple of 8 (latent = image / 8)")
+    g.add_argument("--image-size", type=int, default=256, help="a multiple of 8 (latent = image / 8); MAR: of 16 (KL-16 latent = image / 16)")
     g.add_argument("--num-classes", type=int, default=1000)
     g.add_argument("--load-weight", type=str, default=None, help="initial weights: plain, training or pruned ckpt")
     g.add_argument("--vae", type=str, default="ema", help="ema, mse, none, a hub id or a local folder")

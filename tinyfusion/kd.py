@@ -1,8 +1,9 @@
-"""Masked knowledge distillation (TinyFusion eq. 8): L = a_KD*L_KD + a_Diff*L_Diff + beta*L_Rep.
+"""Masked knowledge distillation (TinyFusion eq. 8) for DiT, SiT and MAR: L = a_KD*L_KD + a_Diff*L_Diff + beta*L_Rep.
 
 - L_Diff: the student's ordinary training loss (DDPM MSE+VB for DiT, the transport loss for SiT).
 - L_KD: MSE between student and teacher outputs on the same noisy input, t and label drops (all
-  output channels, so the learned variance is distilled too).
+  output channels, so the learned variance is distilled too). For MAR: the DiffLoss network's
+  outputs for the same orders, mask, noisy tokens and t, over the masked tokens.
 - L_Rep: each mapped student block's output is aligned with a teacher block's output. Massive
   activations are masked first: per sample, entries of the teacher hidden state further than
   `mask_std` standard deviations from that sample's mean are zeroed in both hidden states.
@@ -69,6 +70,11 @@ def masked_rep_loss(student_h, teacher_h, mask_std=2.0):
     return mean_flat(((student_h - teacher_h) * keep) ** 2)
 
 
+def _width(model):
+    blocks = [b for name in model.block_lists for b in getattr(model, name)]
+    return blocks[0].attn.qkv.in_features
+
+
 class HiddenStates:
     """Collects the outputs of selected blocks of a model during one forward pass."""
 
@@ -90,9 +96,10 @@ class HiddenStates:
 class MaskedKDObjective:
     def __init__(self, base, student, teacher, layer_map, alpha_kd=0.9, alpha_diff=0.1, beta_start=1e-2,
                  beta_end=0.0, mask_std=2.0):
-        if student.pos_embed.shape[-1] != teacher.pos_embed.shape[-1]:
-            raise UserError(f"teacher width {teacher.pos_embed.shape[-1]} differs from student width "
-                            f"{student.pos_embed.shape[-1]}: depth-pruned students need a teacher of the same width")
+        if _width(student) != _width(teacher):
+            raise UserError(f"teacher width {_width(teacher)} differs from student width {_width(student)}: "
+                            f"depth-pruned students need a teacher of the same width")
+        self.mar = getattr(student, "family", "") == "MAR"
         self.base, self.teacher, self.layer_map = base, teacher.eval().requires_grad_(False), layer_map
         self.alpha_kd, self.alpha_diff, self.beta_range, self.mask_std = alpha_kd, alpha_diff, (beta_start, beta_end), mask_std
         self.student_h = HiddenStates(student, [s for s, _ in layer_map])
@@ -115,6 +122,21 @@ class MaskedKDObjective:
         return xt, t
 
     def loss(self, model, x, y, draws, step):
+        diff_loss, kd, logs = self._mar_terms(model, x, y, draws) if self.mar else self._dit_terms(model, x, y, draws, step)
+        hs, ht = self.student_h.pop(), self.teacher_h.pop()
+        rep = sum(masked_rep_loss(hs[s], ht[t], self.mask_std) for s, t in self.layer_map) / len(self.layer_map)
+        total = self.alpha_kd * kd + self.alpha_diff * diff_loss + self.beta * rep
+        return total, {**logs, "kd": kd.mean().detach(), "diff": diff_loss.mean().detach(),
+                       "rep": rep.mean().detach(), "beta": torch.tensor(self.beta)}
+
+    def _mar_terms(self, model, x, y, draws):
+        """MAR: KD on the DiffLoss network's prediction for the same noisy tokens, over masked tokens."""
+        from .mar_objectives import mar_kd_terms, masked_token_mean
+        terms = mar_kd_terms(model, self.teacher, x, y, draws)
+        sq = ((terms["student_out"] - terms["teacher_out"].to(terms["student_out"].dtype)) ** 2).mean(-1)
+        return terms["student_loss"], masked_token_mean(sq, terms["mask"]), {}
+
+    def _dit_terms(self, model, x, y, draws, step):
         captured = {}
 
         def student(*args, **kwargs):  # the base loss calls the model once; keep its output for L_KD
@@ -126,8 +148,4 @@ class MaskedKDObjective:
             xt, t = self._noisy_input(x, draws)
             teacher_out = self.teacher(xt, t, y, force_drop_ids=draws["drop"])
         kd = mean_flat((captured["out"] - teacher_out.to(captured["out"].dtype)) ** 2)
-        hs, ht = self.student_h.pop(), self.teacher_h.pop()
-        rep = sum(masked_rep_loss(hs[s], ht[t], self.mask_std) for s, t in self.layer_map) / len(self.layer_map)
-        total = self.alpha_kd * kd + self.alpha_diff * diff_loss + self.beta * rep
-        return total, {**logs, "kd": kd.mean().detach(), "diff": diff_loss.mean().detach(),
-                       "rep": rep.mean().detach(), "beta": torch.tensor(self.beta)}
+        return diff_loss, kd, logs

@@ -44,9 +44,13 @@ def check_cfg(cfg_scale):
         raise UserError(f"--cfg-scale {cfg_scale} < 1: use 1.0 for no guidance or a value > 1 (paper FID: 1.5)")
 
 
-def _cfg_batch(z, y, num_classes):
-    """[cond; null] layout expected by forward_with_cfg."""
-    return torch.cat([z, z], 0), torch.cat([y, torch.full_like(y, num_classes)], 0)
+def _model_fn(model, z, y, cfg_scale, use_cfg, guide_all):
+    """(model function, start noise, kwargs): with CFG, the [cond; null] batch forward_with_cfg expects."""
+    if not use_cfg:
+        return model.forward, z, dict(y=y)
+    y = torch.cat([y, torch.full_like(y, model.num_classes)], 0)
+    fn = functools.partial(model.forward_with_cfg, guide_all_channels=guide_all)
+    return fn, torch.cat([z, z], 0), dict(y=y, cfg_scale=cfg_scale)
 
 
 class DiTSampler:
@@ -60,11 +64,7 @@ class DiTSampler:
         self.name = f"{args.sampler.upper()}-{args.num_sampling_steps}"
 
     def __call__(self, model, z, y, cfg_scale, use_cfg=True, noise_fn=None, progress=False):
-        kwargs, fn = dict(y=y), model.forward
-        if use_cfg:
-            z, y2 = _cfg_batch(z, y, model.num_classes)
-            kwargs = dict(y=y2, cfg_scale=cfg_scale)
-            fn = functools.partial(model.forward_with_cfg, guide_all_channels=self.guide_all)
+        fn, z, kwargs = _model_fn(model, z, y, cfg_scale, use_cfg, self.guide_all)
         loop = self.diffusion.ddim_sample_loop if self.ddim else self.diffusion.p_sample_loop
         out = loop(fn, z.shape, z, clip_denoised=False, model_kwargs=kwargs, progress=progress, device=z.device,
                    noise_fn=noise_fn)
@@ -94,11 +94,7 @@ class SiTSampler:
         self.stochastic = mode == "SDE"
 
     def __call__(self, model, z, y, cfg_scale, use_cfg=True, noise_fn=None, progress=False):
-        kwargs, fn = dict(y=y), model.forward
-        if use_cfg:
-            z, y2 = _cfg_batch(z, y, model.num_classes)
-            kwargs = dict(y=y2, cfg_scale=cfg_scale)
-            fn = functools.partial(model.forward_with_cfg, guide_all_channels=self.guide_all)
+        fn, z, kwargs = _model_fn(model, z, y, cfg_scale, use_cfg, self.guide_all)
         with torch.no_grad():
             out = self.fn(z, fn, **kwargs)[-1]
         return out.chunk(2)[0] if use_cfg else out

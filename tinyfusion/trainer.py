@@ -17,7 +17,7 @@ import time
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint, save_weights
 from .ema import EMA
 from .errors import UserError
 from .logging import RunLogger
@@ -239,6 +239,13 @@ class Trainer:
             if self.step % a.ckpt_every == 0 or self.step == self.total_steps:
                 self.save()
         return self
+
+    def finish(self, save_model=None):
+        """After fit(): optionally write the EMA weights (official plain state dict), then leave the process group."""
+        if save_model and self.rt.is_main:
+            save_weights(self.ema.state_dict(), save_model)
+            self.logger.info(f"saved EMA weights to {os.path.abspath(save_model)}")
+        self.rt.shutdown()
 
     def log(self, mean_loss, steps, seconds, logs):
         mean_loss = self.rt.all_reduce_mean(mean_loss).item()
