@@ -20,6 +20,7 @@ from tinyfusion.sampling import add_sampler_args, check_cfg, load_decoder, make_
 CLASS_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]
 
 
+@torch.no_grad()
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=str, default="DiT-XL/2")
@@ -45,7 +46,6 @@ def main(argv=None):
         raise UserError(f"--class-labels must lie in [0, {args.num_classes}) for --num-classes {args.num_classes}")
 
     rt = setup_runtime(args.device)
-    torch.set_grad_enabled(False)
     seed_everything(args.seed)  # before the model, as the official scripts do (its init draws numbers)
     family = family_of(args.model)
     shape = latent_shape_for(args)

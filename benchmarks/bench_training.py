@@ -23,8 +23,8 @@ if __package__ in (None, ""):  # `python benchmarks/bench_training.py`: make the
 
 import torch
 
-from benchmarks.common import (PeakMemory, add_common_args, bench_model, fmt_bytes, fmt_ratio, hardware,
-                               markdown_table, ratio, release_memory, resolve, set_tf32, time_calls)
+from benchmarks.common import (PeakMemory, add_common_args, bench_model, fmt_bytes, fmt_ratio, half_depth, hardware,
+                               latent_shape, markdown_table, ratio, release_memory, resolve, set_tf32, time_calls)
 from models import family_of
 from models.layer_mask import parse_groups
 from tinyfusion.errors import UserError
@@ -48,13 +48,14 @@ PRESETS = dict(cpu=dict(model="DiT-B/2", image_size=128, batch_size=2, iters=3),
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
-    parser.add_argument("--model", type=str, default=None, help="DiT or SiT registry name (CPU DiT-B/2, CUDA DiT-XL/2)")
+    parser.add_argument("--model", type=str, default=None, help="registry name (CPU DiT-B/2, CUDA DiT-XL/2; SiT, MAR too)")
     parser.add_argument("--image-size", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None, help="images per step")
     parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="Trainer autocast")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (Trainer --compile)")
     parser.add_argument("--no-tf32", action="store_true", help="CUDA: keep matmuls in full fp32")
+    parser.add_argument("--grad-checkpointing", action="store_true", help="MAR only (DiT/SiT do not expose it)")
     parser.add_argument("--lora-rank", type=int, default=8)
     return parser
 
@@ -72,13 +73,12 @@ def trainer_args(args, results_dir):
 def setup(config, args, device):
     """(model, objective, optimizer param groups or None) of one configuration, random weights."""
     torch.manual_seed(0)
-    with torch.device("meta"):  # the unpruned depth, without allocating a model
-        depth = bench_model(args.model, args.image_size, args.smoke).depth
-    half = config in ("plain-D/2", "kd")
-    model = bench_model(args.model, args.image_size, args.smoke, **({"depth": depth // 2} if half else {}))
-    family = family_of(args.model)
-    shape = (model.in_channels, model.input_size, model.input_size)
-    objective, groups = make_objective(family, shape), None
+    extra = {"grad_checkpointing": True} if args.grad_checkpointing else {}
+    with torch.device("meta"):  # the unpruned model's shape, without allocating it
+        full = bench_model(args.model, args.image_size, args.smoke)
+    depth, half = full.depth, config in ("plain-D/2", "kd")
+    model = bench_model(args.model, args.image_size, args.smoke, **(half_depth(full) if half else {}), **extra)
+    objective, groups = make_objective(family_of(args.model), latent_shape(args.model, args.image_size)), None
     if config.startswith("mask"):
         mask, groups = prepare_mask_learning(model, parse_groups("1:2", depth), delta_w=config != "mask-only",
                                              lora=config == "mask+lora", lora_rank=args.lora_rank)
@@ -98,8 +98,8 @@ def measure(config, args, device, workdir):
                           param_groups=groups, logger=RunLogger(None, is_main=False))
         if isinstance(objective, MaskLearningObjective):
             objective.ema_mask = trainer.ema.model.layer_mask
-        x = torch.randn(args.batch_size, model.in_channels, model.input_size, model.input_size, device=device)
-        y = torch.randint(0, model.num_classes, (args.batch_size,), device=device)
+        x = torch.randn(args.batch_size, *latent_shape(args.model, args.image_size), device=device)
+        y = torch.randint(0, 1000, (args.batch_size,), device=device)
         seconds = time_calls(lambda: trainer.train_step(x, y), device, args.warmup, args.iters)
         trainable = sum(p.numel() for g in trainer.opt.param_groups for p in g["params"])
         total = sum(p.numel() for p in model.parameters())
@@ -114,9 +114,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     device = resolve(args, PRESETS["cpu"], PRESETS["cuda"], PRESETS["smoke"])
     set_tf32(device, not args.no_tf32)
-    if family_of(args.model) not in ("DiT", "SiT"):
-        raise UserError(f"--model {args.model}: the training benchmark covers DiT and SiT models (the library has "
-                        f"no MAR training objective)")
+    if args.grad_checkpointing and family_of(args.model) != "MAR":
+        raise UserError(f"--grad-checkpointing: {args.model} has no gradient checkpointing switch (only MAR models do)")
     configs = [c for c in args.configs if c != "kd" or MaskedKDObjective is not None]
     with tempfile.TemporaryDirectory() as workdir:
         # prime one-time costs (lazy library init, allocator pools) so they do not land on the first row
@@ -137,7 +136,8 @@ def main(argv=None):
           fmt_bytes(r["peak_bytes"]), fmt_ratio(r["time_ratio"]), fmt_ratio(r["memory_ratio"])] for r in rows]))
     if MaskedKDObjective is None and "kd" in args.configs:
         print("\n(kd skipped: tinyfusion.kd is not available in this checkout)")
-    print("\n(gradient checkpointing: not exposed by the DiT/SiT models; fused AdamW: always on for CUDA in Trainer)")
+    print(f"\n(gradient checkpointing {'on' if args.grad_checkpointing else 'off'}: a switch of MAR models only; "
+          f"AdamW is fused on CUDA, Trainer has no switch for it)")
     return rows
 
 

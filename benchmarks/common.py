@@ -10,11 +10,12 @@ import os
 import platform
 import statistics
 import time
+from types import SimpleNamespace
 
 import torch
 
 from models import build_model, family_of
-from tinyfusion.cli import create_model
+from tinyfusion.cli import create_model, latent_shape_for
 from tinyfusion.errors import UserError
 
 SMOKE_WIDTH = dict(hidden_size=64, num_heads=4)  # DiT/SiT smoke models: real depth, tiny width
@@ -48,26 +49,39 @@ def resolve(args, cpu, cuda, smoke):
     return device
 
 
+def latent_shape(name, image_size):
+    """(C, H, W) model `name` works on for images of `image_size` px (the scripts' own rule)."""
+    return latent_shape_for(SimpleNamespace(image_size=image_size, model=name, vae="ema"))
+
+
 def bench_model(name, image_size, smoke=False, num_classes=1000, **kwargs):
     """Registry model `name` with random weights for images of `image_size` px.
 
     smoke=True keeps the depth (what pruning changes) but shrinks the width, so the script runs in
-    seconds. DiT/SiT take latents of image/8; MAR takes img_size itself (its KL-16 tokenizer is external).
+    seconds. `kwargs` override constructor keywords (e.g. depth, or MAR's encoder/decoder_depth).
     """
-    if family_of(name) == "MAR":
-        return _tiny_mar(name, image_size) if smoke else create_model(name, None, num_classes, img_size=image_size,
-                                                                      **kwargs)
-    latent = image_size // 8
-    return create_model(name, (4, latent, latent), num_classes, **{**(SMOKE_WIDTH if smoke else {}), **kwargs})
+    shape = latent_shape(name, image_size)
+    if smoke and family_of(name) == "MAR":
+        return _tiny_mar(name, image_size, **kwargs)
+    return create_model(name, shape, num_classes, **{**(SMOKE_WIDTH if smoke else {}), **kwargs})
 
 
-def _tiny_mar(name, image_size):
+def _tiny_mar(name, image_size, **kwargs):
+    # MAR's registry fixes the width, so the smoke model is built directly, with the registry's depths
     from models.mar import MAR
     with torch.device("meta"):  # the registry's depths, without allocating the real model
         ref = build_model(name, img_size=image_size)
-    return MAR(img_size=image_size, encoder_embed_dim=64, encoder_num_heads=4, decoder_embed_dim=64,
-               decoder_num_heads=4, encoder_depth=len(ref.encoder_blocks), decoder_depth=len(ref.decoder_blocks),
-               buffer_size=4, diffloss_d=1, diffloss_w=64, num_sampling_steps="2")
+    config = dict(img_size=image_size, encoder_embed_dim=64, encoder_num_heads=4, decoder_embed_dim=64,
+                  decoder_num_heads=4, encoder_depth=len(ref.encoder_blocks), decoder_depth=len(ref.decoder_blocks),
+                  buffer_size=4, diffloss_d=1, diffloss_w=64, num_sampling_steps="2")
+    return MAR(**{**config, **kwargs})
+
+
+def half_depth(model):
+    """Constructor keywords of the same model at half depth (each block list halved)."""
+    if len(model.block_lists) == 1:
+        return {"depth": model.depth // 2}
+    return {f"{name.split('_')[0]}_depth": len(getattr(model, name)) // 2 for name in model.block_lists}
 
 
 def set_tf32(device, enabled):

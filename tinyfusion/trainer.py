@@ -228,7 +228,7 @@ class Trainer:
         running, count, t0 = torch.zeros((), device=rt.device), 0, time.time()
         if self.step >= self.total_steps:
             return self
-        for keys, batch in zip(range(self.step, self.total_steps), self.loader()):
+        for _, batch in zip(range(self.step, self.total_steps), self.loader()):
             x, y = (t.to(rt.device, non_blocking=True) for t in batch)
             loss, logs = self.train_step(x, y)
             running += loss
