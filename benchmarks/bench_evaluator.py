@@ -80,7 +80,8 @@ def main(argv=None):
     print(f"\n## Evaluator cost{' (smoke)' if args.smoke else ''}")
     print(hardware(device) + f"; Inception: median of {args.iters} batch(es) after {args.warmup} warm-up; "
           f"metrics: one run each\n")
-    print(markdown_table(["stage", "seconds", "result"], [[r["stage"], f"{r['seconds']:.3f}", r["result"]] for r in rows]))
+    print(markdown_table(["stage", "seconds", "result"],
+                         [[r["stage"], f"{r['seconds']:.3f}", r["result"]] for r in rows]))
     print("\noutputs per image: " + ", ".join(f"{k} {v.shape[1]}" for k, v in feats.items()))
     return rows
 

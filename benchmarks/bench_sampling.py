@@ -7,7 +7,8 @@
 Each call runs the real sampler (`tinyfusion.sampling.make_sampler`) for --steps steps with
 classifier-free guidance, so every step is one denoiser forward on a doubled batch (the dominant
 cost of sampling). Speedups are the full model's seconds per call over each model's, measured in
-the same run; the paper reports 1.46x (D19), 1.96x (D14) and 3.88x (D7) for DiT on a GPU.
+the same run; the paper reports 1.46x (D19), 1.96x (D14) and 3.88x (D7) for DiT.
+On a shared CPU pass `--threads 1`: two threads competing for busy cores stall each other.
 """
 import argparse
 import os

@@ -48,7 +48,8 @@ PRESETS = dict(cpu=dict(model="DiT-B/2", image_size=128, batch_size=2, iters=3),
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
-    parser.add_argument("--model", type=str, default=None, help="registry name (CPU DiT-B/2, CUDA DiT-XL/2; SiT, MAR too)")
+    parser.add_argument("--model", type=str, default=None,
+                        help="registry name (CPU DiT-B/2, CUDA DiT-XL/2; SiT and MAR work)")
     parser.add_argument("--image-size", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None, help="images per step")
     parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
@@ -124,7 +125,8 @@ def main(argv=None):
         rows = [measure(c, args, device, workdir) for c in configs]
     base = next((r for r in rows if r["config"] == "plain"), rows[0])
     for r in rows:
-        r["time_ratio"], r["memory_ratio"] = ratio(r["seconds"], base["seconds"]), ratio(r["peak_bytes"], base["peak_bytes"])
+        r["time_ratio"] = ratio(r["seconds"], base["seconds"])
+        r["memory_ratio"] = ratio(r["peak_bytes"], base["peak_bytes"])
 
     print(f"\n## Training step: {args.model}, batch {args.batch_size}, {args.image_size} px, {args.precision}"
           f"{', compiled' if args.compile else ''}{' (smoke: tiny widths, numbers meaningless)' if args.smoke else ''}")

@@ -219,13 +219,16 @@ class LayerMask(nn.Module):
         finally:
             self._pinned = previous
 
+    def draw(self, batch_size):
+        """Set this pass's masks: the pinned ones, else a fresh sample."""
+        self.current = self._pinned.expand(batch_size, -1) if self._pinned is not None else \
+            self.sample(batch_size, self.generator)
+        return self.current
+
     def block_mask(self, index, x):
         """Mask of global block `index` for input x, shaped (B, 1, ...); draws the pass's masks on first use."""
         if self.current is None:
-            if self._pinned is not None:
-                self.current = self._pinned.expand(x.shape[0], -1)
-            else:
-                self.current = self.sample(x.shape[0], self.generator)
+            self.draw(x.shape[0])
         m = self.current[:, index].to(x.dtype)
         return m.view(-1, *([1] * (x.dim() - 1)))
 
@@ -238,7 +241,11 @@ PASS_METHODS = ("forward", "forward_pass")
 def _fresh_masks(method):
     @functools.wraps(method)
     def start_pass(self, *args, **kwargs):
-        self.layer_mask.current = None  # drawn by the first block; kept for activation recomputation
+        # Draw before any block runs, so the draw never happens inside a checkpointed block (its
+        # recomputation would then differ); the masks are kept for activation recomputation.
+        self.layer_mask.current = None
+        if args and torch.is_tensor(args[0]):
+            self.layer_mask.draw(args[0].shape[0])
         return method(self, *args, **kwargs)
     return start_pass
 
