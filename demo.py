@@ -36,14 +36,14 @@ BUDGETS = {  # steps of mask learning / fine-tuning per method, FID samples, sam
     "default": dict(prune_steps=200, finetune_steps=300, samples=500, sampling_steps=25, batch=64, seeds=[0]),
     "full": dict(prune_steps=1000, finetune_steps=3000, samples=2000, sampling_steps=50, batch=64, seeds=[0, 1, 2]),
 }
-COMMON = ["--image-size", "8", "--vae", "none", "--num-classes", "10"]
+COMMON = ["--image-size", "8", "--vae", "none", "--channels", "1", "--num-classes", "10"]
 
 
 class Demo:
     def __init__(self, args):
         self.args, self.out = args, os.path.abspath(args.out)
         self.budget = dict(BUDGETS["full" if args.full else "default"])
-        for key in ("prune_steps", "finetune_steps", "samples"):
+        for key in ("prune_steps", "finetune_steps", "samples", "sampling_steps"):
             if getattr(args, key) is not None:
                 self.budget[key] = getattr(args, key)
         if args.seeds is not None:
@@ -142,7 +142,7 @@ class Demo:
         b = self.budget
         if not os.path.isfile(npz):
             self.run(f"sample-{tag}", "sample_ddp.py", [
-                "--model", model_name, "--ckpt", ckpt, *COMMON, "--channels", "1", "--cfg-scale", "1.5",
+                "--model", model_name, "--ckpt", ckpt, *COMMON, "--cfg-scale", "1.5",
                 "--guide-all-channels", "--num-sampling-steps", b["sampling_steps"], "--num-fid-samples", b["samples"],
                 "--per-proc-batch-size", "250", "--global-seed", "0", "--sample-dir", os.path.join(d, "parts"),
                 "--out", npz], desc=f"sample {tag}")
@@ -166,7 +166,7 @@ class Demo:
         path = os.path.join(self.out, f"grid-{tag}.png")
         if not os.path.isfile(path):
             self.run(f"grid-{tag}", "sample.py", [
-                "--model", model_name, "--ckpt", ckpt, *COMMON, "--channels", "1", "--cfg-scale", "1.5",
+                "--model", model_name, "--ckpt", ckpt, *COMMON, "--cfg-scale", "1.5",
                 "--guide-all-channels", "--num-sampling-steps", self.budget["sampling_steps"], "--seed", "0",
                 "--class-labels", *range(10), *range(10), "--nrow", "10", "--out", path])
         return os.path.basename(path)
@@ -191,18 +191,25 @@ def calibration_loss(model_name, ckpt, data, seed=0, batches=8, batch_size=64):
     return float(torch.stack(losses).mean())
 
 
-def sampling_speed(model_name, ckpt, batch=256, reps=20):
-    """Images/s of the denoiser forward (CFG-doubled batch) of one sampling step."""
+def sampling_speedups(models, batch=256, reps=10, rounds=5):
+    """Speed of one CFG sampling step (the denoiser forward on a doubled batch) of each (name, ckpt), relative
+    to the first. Models are timed in turn, round after round, and medians are compared, so load changes on
+    a shared machine hit them all alike."""
     from tinyfusion.cli import create_model
-    model = create_model(model_name, (1, 8, 8), 10, ckpt).eval()
+    nets = [create_model(name, (1, 8, 8), 10, ckpt).eval() for name, ckpt in models]
     x, t, y = torch.randn(2 * batch, 1, 8, 8), torch.randint(0, 1000, (2 * batch,)), torch.randint(0, 10, (2 * batch,))
+    times = [[] for _ in nets]
     with torch.no_grad():
-        for _ in range(3):
-            model(x, t, y)
-        start = time.perf_counter()
-        for _ in range(reps):
-            model(x, t, y)
-    return batch * reps / (time.perf_counter() - start)
+        for net in nets:
+            net(x, t, y)  # warm-up
+        for _ in range(rounds):
+            for i, net in enumerate(nets):
+                start = time.perf_counter()
+                for _ in range(reps):
+                    net(x, t, y)
+                times[i].append(time.perf_counter() - start)
+    medians = [float(np.median(ts)) for ts in times]
+    return [medians[0] / m for m in medians]
 
 
 def fmt(v, digits=2):
@@ -217,7 +224,8 @@ def main(argv=None):
     parser.add_argument("--teacher", default=TEACHER)
     parser.add_argument("--prune-steps", type=int, default=None)
     parser.add_argument("--finetune-steps", type=int, default=None)
-    parser.add_argument("--samples", type=int, default=None)
+    parser.add_argument("--samples", type=int, default=None, help="samples per model for the metrics")
+    parser.add_argument("--sampling-steps", type=int, default=None, help="DDPM steps per sample")
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
@@ -235,9 +243,10 @@ def main(argv=None):
             final = demo.finetune(seed, method, pruned[method])
             rows.setdefault(method, []).append(dict(kept=record["kept"], model=record["pruned_model"], ckpt=final,
                                                    calib=calib))
-    teacher_speed = sampling_speed("DiT-Tiny/2", args.teacher)
+    firsts = [runs[0] for runs in rows.values()]
+    speedups = sampling_speedups([(r["model"], r["ckpt"]) for r in firsts])
     table = []
-    for name, runs in rows.items():
+    for (name, runs), speedup in zip(rows.items(), speedups):
         results = []
         for i, r in enumerate(runs):
             tag = name.split()[0] + (f"-seed{demo.budget['seeds'][i]}" if name in METHODS else "")
@@ -250,7 +259,7 @@ def main(argv=None):
         with torch.device("meta"):
             params = sum(p.numel() for p in create_model(runs[0]["model"], (1, 8, 8), 10).parameters())
         table.append(dict(method=name, kept=runs[0]["kept"], params=params, calib=float(np.mean(calib)) if calib else None,
-                          speedup=sampling_speed(runs[0]["model"], runs[0]["ckpt"]) / teacher_speed, grid=grid, **mean,
+                          speedup=speedup, grid=grid, **mean,
                           per_seed=[dict(kept=r["kept"], **{k: res.get(k) for k in ("FID", "class_acc")})
                                     for r, res in zip(runs, results)]))
     write_report(demo, table, time.time() - start)

@@ -13,21 +13,13 @@ import torch
 
 from models import build_model
 from tinyfusion.checkpoint import check_state_dict, read_weights
+from tinyfusion.cli import add_image_args, latent_shape_for, model_kwargs
 from tinyfusion.errors import UserError, run_main
 from tinyfusion.pruning import ORACLE_KEPT, parse_kept_indices, write_pruned
 
 
-def model_kwargs(args):
-    """Constructor keywords of --model for the image size / classes (MAR takes img_size and class_num)."""
-    if args.image_size % 8:
-        raise UserError(f"--image-size {args.image_size} is not divisible by 8 (the VAE's downsampling)")
-    if args.model.startswith("MAR"):
-        return dict(img_size=args.image_size, class_num=args.num_classes)
-    return dict(input_size=args.image_size // 8, num_classes=args.num_classes)
-
-
 def main(args):
-    kwargs = model_kwargs(args)
+    kwargs = model_kwargs(args.model, latent_shape_for(args), args.num_classes)
     with torch.device("meta"):
         model = build_model(args.model, **kwargs)
     depth = model.depth
@@ -56,8 +48,7 @@ def build_parser():
     parser.add_argument("--preset", type=str, choices=["oracle"], default=None,
                         help="oracle: BK-SDM's XL->D14 list [0,2,4,...,12,15,17,...,27]")
     parser.add_argument("--save-model", type=str, required=True)
-    parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--num-classes", type=int, default=1000)
+    add_image_args(parser)
     return parser
 
 

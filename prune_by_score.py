@@ -18,7 +18,7 @@ import torch
 
 from models import build_model, family_of
 from tinyfusion.checkpoint import load_weights
-from tinyfusion.cli import latent_shape_for, model_kwargs
+from tinyfusion.cli import add_image_args, latent_shape_for, model_kwargs
 from tinyfusion.errors import UserError, run_main
 from tinyfusion.objectives import add_transport_args, make_objective
 from tinyfusion.pruning import SCORE_METHODS, check_n_pruned, choose_removed, score_blocks, write_pruned
@@ -46,8 +46,6 @@ def calibration_batches(args, latent_shape, device):
 
 
 def main(args):
-    if args.image_size % 8:
-        raise UserError(f"--image-size {args.image_size} is not divisible by 8 (the VAE's downsampling)")
     family = family_of(args.model)
     if family == "MAR" and args.method == "output-error":  # MAR's forward returns its loss, not an output
         raise UserError(f"--method output-error is for DiT/SiT; for {args.model} use bi, sensitivity, magnitude "
@@ -95,8 +93,7 @@ def build_parser():
     parser.add_argument("--calib-batches", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--num-classes", type=int, default=1000)
+    add_image_args(parser)
     parser.add_argument("--device", type=str, default=None, help="cuda or cpu (default: cuda when available)")
     add_transport_args(parser)
     return parser

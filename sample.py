@@ -11,7 +11,7 @@ import torch
 from torchvision.utils import save_image
 
 from models import family_of
-from tinyfusion.cli import create_model, latent_shape_for
+from tinyfusion.cli import add_image_args, create_model, latent_shape_for
 from tinyfusion.errors import UserError, run_main
 from tinyfusion.objectives import add_transport_args
 from tinyfusion.runtime import seed_everything, setup_runtime
@@ -25,10 +25,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=str, default="DiT-XL/2")
     parser.add_argument("--ckpt", type=str, default=None, help="official, training, pruned or .safetensors weights")
-    parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--num-classes", type=int, default=1000)
-    parser.add_argument("--channels", type=int, default=3, help="image channels when --vae none")
-    parser.add_argument("--vae", type=str, default="mse", help="ema, mse, hub id, folder, none; MAR: kl16 ckpt path")
+    add_image_args(parser, vae="mse")
     parser.add_argument("--cfg-scale", type=float, default=4.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--class-labels", type=int, nargs="+", default=CLASS_LABELS)

@@ -10,6 +10,7 @@ Guidance is applied only when --cfg-scale > 1. Then: python evaluator.py <ref ba
 """
 import argparse
 
+from tinyfusion.cli import add_image_args
 from tinyfusion.errors import run_main
 from tinyfusion.objectives import add_transport_args
 from tinyfusion.runtime import setup_runtime
@@ -21,13 +22,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=str, default="DiT-XL/2")
     parser.add_argument("--ckpt", type=str, default=None, help="official, training, pruned or .safetensors weights")
-    parser.add_argument("--vae", type=str, default="ema", help="ema, mse, hub id, folder, none; MAR: kl16 ckpt path")
     parser.add_argument("--sample-dir", type=str, default="samples")
     parser.add_argument("--per-proc-batch-size", type=int, default=32)
     parser.add_argument("--num-fid-samples", type=int, default=50_000)
-    parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--num-classes", type=int, default=1000)
-    parser.add_argument("--channels", type=int, default=3, help="image channels when --vae none")
+    add_image_args(parser, vae="ema")
     parser.add_argument("--cfg-scale", type=float, default=1.5)
     parser.add_argument("--global-seed", type=int, default=0)
     parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,

@@ -4,13 +4,23 @@ from .checkpoint import load_weights
 from .errors import UserError
 
 
+def add_image_args(parser, vae="ema"):
+    """--image-size, --num-classes, --vae, --channels: what fixes the model's input (latent) shape."""
+    g = parser.add_argument_group("images and latents")
+    g.add_argument("--image-size", type=int, default=256,
+                   help="a multiple of 8 (latent = image / 8); MAR: of 16 (KL-16 latent = image / 16)")
+    g.add_argument("--num-classes", type=int, default=1000)
+    g.add_argument("--vae", type=str, default=vae, help="ema, mse, none (pixel space), a hub id or a local folder; "
+                                                       "MAR: a kl16 checkpoint")
+    g.add_argument("--channels", type=int, default=3, help="image channels in pixel space (--vae none)")
+    return g
+
+
 def add_model_args(parser, model="DiT-XL/2", data=True):
+    add_image_args(parser)
     g = parser.add_argument_group("model and data")
     g.add_argument("--model", type=str, default=model, help="registry name, e.g. DiT-XL/2, DiT-D14/2, SiT-XL/2")
-    g.add_argument("--image-size", type=int, default=256, help="a multiple of 8 (latent = image / 8); MAR: of 16 (KL-16 latent = image / 16)")
-    g.add_argument("--num-classes", type=int, default=1000)
     g.add_argument("--load-weight", type=str, default=None, help="initial weights: plain, training or pruned ckpt")
-    g.add_argument("--vae", type=str, default="ema", help="ema, mse, none, a hub id or a local folder")
     if data:
         g.add_argument("--data-path", type=str, required=True, help="feature store written by extract_features.py")
     return g
