@@ -11,7 +11,8 @@ import argparse
 import os
 
 from tinyfusion.checkpoint import save_weights
-from tinyfusion.digits import (CLASSIFIER_PATH, SPLIT_SEED, DigitsExtractor, class_accuracy, load_digits_classifier,
+from tinyfusion.digits import (CLASSIFIER_PATH, SPLIT_SEED, DigitsExtractor, class_accuracy, evaluate_teacher,
+                               load_digits_classifier,
                                load_split, to_uint8_gray, train_classifier, write_digits_data)
 from tinyfusion.errors import run_main
 
@@ -24,6 +25,8 @@ def main(argv=None):
     parser.add_argument("--retrain-classifier", action="store_true", help="train and overwrite --classifier")
     parser.add_argument("--epochs", type=int, default=40, help="classifier training epochs")
     parser.add_argument("--seed", type=int, default=SPLIT_SEED, help="split seed (and classifier seed)")
+    parser.add_argument("--evaluate-teacher", type=int, default=0, metavar="N",
+                        help="also sample N digits from the shipped teacher and print accuracy and feature FID")
     args = parser.parse_args(argv)
 
     n_train, n_test = write_digits_data(args.data_path, args.ref_batch, args.seed)
@@ -40,6 +43,8 @@ def main(argv=None):
         acc = class_accuracy(DigitsExtractor(load_digits_classifier(args.classifier)), to_uint8_gray(x_test), y_test)
         print(f"kept existing classifier {args.classifier} (--retrain-classifier to overwrite)")
     print(f"classifier held-out accuracy: {acc:.4f} ({n_test} digits)")
+    if args.evaluate_teacher:
+        evaluate_teacher(args.ref_batch, n=args.evaluate_teacher, classifier=args.classifier)
 
 
 if __name__ == "__main__":

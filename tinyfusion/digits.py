@@ -13,6 +13,7 @@ Classifier: a 3-conv CNN on 8x8 gray inputs; its 64-d penultimate activations ar
 features (FID, precision/recall) and its logits give IS and the class accuracy of samples.
 """
 import argparse
+import json
 import os
 
 import numpy as np
@@ -27,7 +28,12 @@ ASSETS = os.path.join(REPO, "assets")
 CLASSIFIER_PATH = os.path.join(ASSETS, "digits_classifier.safetensors")
 TEACHER_PATH = os.path.join(ASSETS, "digits_teacher.safetensors")
 CLASSIFIER_REBUILD = "python prepare_digits.py --retrain-classifier"
-TEACHER_REBUILD = "the train.py command in assets/README.md"
+TEACHER_REBUILD = ("python train.py --model DiT-Tiny/2 --data-path data/digits --image-size 8 --vae none "
+                   "--num-classes 10 --global-batch-size 32 --max-steps 4000 --lr 2e-3 --lr-schedule cosine "
+                   "--lr-min 1e-5 --warmup-steps 100 --grad-clip 1.0 --ema-decay 0.995 --num-workers 0 "
+                   "--log-every 200 --ckpt-every 1000 --prefix digits-teacher --device cpu "
+                   "--save-model assets/digits_teacher.safetensors")
+TEACHER_CFG = 1.5  # guidance used for the teacher's recorded sample quality (all channels, see sample_digits)
 
 NUM_CLASSES = 10
 SIZE = 8
@@ -201,3 +207,26 @@ def sample_digits(model, labels, num_steps=50, cfg_scale=1.0, seed=0, sampler="d
     with torch.no_grad():
         x = run(model, z, y, cfg_scale, use_cfg=cfg_scale > 1.0, noise_fn=noise_fn)
     return to_uint8_gray(x.clamp(-1, 1).cpu())
+
+
+def evaluate_teacher(ref_batch, n=200, num_steps=25, cfg_scale=TEACHER_CFG, teacher=None, classifier=None, log=print):
+    """Class accuracy and digit-feature FID/IS/P/R of `n` teacher samples (classes 0..9 in turn) against the
+    held-out reference batch, next to the FID of uniform-noise images (the scale of 'not digits at all')."""
+    import tempfile
+    from .metrics import evaluate
+    from .npz import write_sample_batch
+    extractor = DigitsExtractor(load_digits_classifier(classifier))
+    labels = np.arange(n) % NUM_CLASSES
+    images = sample_digits(load_digits_teacher(teacher), labels, num_steps=num_steps, cfg_scale=cfg_scale, seed=0)
+    noise = np.random.default_rng(0).integers(0, 256, images.shape, dtype=np.uint8)
+    out = {"samples": n, "sampling_steps": num_steps, "cfg_scale": cfg_scale,
+           "class_accuracy": class_accuracy(extractor, images, labels),
+           "noise_class_accuracy": class_accuracy(extractor, noise, labels)}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, batch in (("teacher", images), ("noise", noise)):
+            path = os.path.join(tmp, f"{name}.npz")
+            write_sample_batch(path, batch)
+            metrics = evaluate(ref_batch, path, extractor)
+            out.update({f"{name}_{k}": v for k, v in metrics.items() if v is not None})
+    log(json.dumps(out, indent=1))
+    return out
