@@ -8,6 +8,7 @@ Writes the training split as a feature store (train.py --data-path data/digits -
 `evaluator.py --feature-net digits`. The shipped classifier is only overwritten on request.
 """
 import argparse
+import json
 import os
 
 from tinyfusion.checkpoint import save_weights
@@ -35,9 +36,9 @@ def main(argv=None):
     if args.retrain_classifier or not os.path.isfile(args.classifier):
         model = train_classifier(to_uint8_gray(x_train), y_train, epochs=args.epochs, seed=args.seed)
         acc = class_accuracy(DigitsExtractor(model), to_uint8_gray(x_test), y_test)
-        save_weights(model.state_dict(), args.classifier,
-                     metadata={"arch": "DigitClassifier", "split_seed": args.seed, "epochs": args.epochs,
-                               "held_out_accuracy": f"{acc:.4f}"})
+        # one metadata entry: safetensors writes several in random order, which would change the file's hash
+        info = {"arch": "DigitClassifier", "split_seed": args.seed, "epochs": args.epochs, "held_out_accuracy": acc}
+        save_weights(model.state_dict(), args.classifier, metadata={"digits_classifier": json.dumps(info)})
         print(f"saved classifier to {args.classifier}")
     else:
         acc = class_accuracy(DigitsExtractor(load_digits_classifier(args.classifier)), to_uint8_gray(x_test), y_test)
