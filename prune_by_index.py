@@ -15,7 +15,7 @@ from models import build_model
 from tinyfusion.checkpoint import check_state_dict, read_weights
 from tinyfusion.cli import add_image_args, latent_shape_for, model_kwargs
 from tinyfusion.errors import UserError, run_main
-from tinyfusion.pruning import ORACLE_KEPT, parse_kept_indices, write_pruned
+from tinyfusion.pruning import ORACLE_KEPT, parse_kept_indices, pruned_summary, write_pruned
 
 
 def main(args):
@@ -36,8 +36,7 @@ def main(args):
     check_state_dict(model, state_dict, args.model, args.ckpt)  # what load_weights checks, without allocating
     name, record = write_pruned(args.save_model, args.model, args.ckpt, state_dict, model.block_lists, kept,
                                 method=args.preset or "index", model_kwargs=kwargs)
-    print(f"kept {record['kept']}\nremoved {record['removed']}")
-    print(f"saved {name} ({len(kept)} of {depth} blocks) to {args.save_model}; load it with --model {name}")
+    print(pruned_summary(name, record, args.save_model))
 
 
 def build_parser():

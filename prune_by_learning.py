@@ -19,7 +19,7 @@ from tinyfusion.cli import add_model_args, create_model, open_training_data
 from tinyfusion.errors import UserError, run_main
 from tinyfusion.mask_learning import MaskLearningObjective, plot_decisions, prepare_mask_learning
 from tinyfusion.objectives import add_transport_args, make_objective
-from tinyfusion.pruning import write_pruned
+from tinyfusion.pruning import pruned_summary, write_pruned
 from tinyfusion.runtime import seed_everything, setup_runtime
 from tinyfusion.trainer import Trainer, add_train_args
 
@@ -94,8 +94,7 @@ def main(argv=None):
                                         confidence=confidence, steps=trainer.step, delta_w=args.delta_w,
                                         lora=args.lora, lora_rank=args.lora_rank, decision_figure=figure,
                                         history=objective.history)
-            trainer.logger.info(f"saved {name} ({len(kept)} of {model.depth} blocks) to {args.save_model}; "
-                                f"load it with --model {name}")
+            trainer.logger.info(pruned_summary(name, record, args.save_model))
     rt.shutdown()
 
 

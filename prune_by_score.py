@@ -21,7 +21,8 @@ from tinyfusion.checkpoint import load_weights
 from tinyfusion.cli import add_image_args, latent_shape_for, model_kwargs
 from tinyfusion.errors import UserError, run_main
 from tinyfusion.objectives import add_transport_args, make_objective
-from tinyfusion.pruning import SCORE_METHODS, check_n_pruned, choose_removed, score_blocks, write_pruned
+from tinyfusion.pruning import (SCORE_METHODS, check_n_pruned, choose_removed, pruned_summary, score_blocks,
+                                write_pruned)
 from tinyfusion.runtime import setup_runtime
 
 
@@ -76,8 +77,7 @@ def main(args):
                                 method=args.method, model_kwargs=kwargs, importance=importance,
                                 seed=args.seed, calibration=calibration)
     print("importance " + " ".join(f"{i}:{s:.4g}" for i, s in enumerate(importance)))
-    print(f"kept {record['kept']}\nremoved {record['removed']}")
-    print(f"saved {name} ({len(kept)} of {depth} blocks) to {args.save_model}; load it with --model {name}")
+    print(pruned_summary(name, record, args.save_model))
 
 
 def build_parser():

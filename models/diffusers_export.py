@@ -6,7 +6,6 @@ One numerical caveat: diffusers' DiT embeds timesteps with `downscale_freq_shift
 sets the shift to 0 on the built model so it reproduces the official numbers; a model
 re-loaded with `from_pretrained` gets diffusers' default back (a small, known drift).
 """
-import torch
 
 
 def diffusers_config(model):

@@ -6,7 +6,7 @@ import torch
 from models import build_model
 from tinyfusion.errors import UserError
 from tinyfusion.kd import MaskedKDObjective, layer_map_from_record, masked_rep_loss, parse_layer_map
-from tinyfusion.objectives import DiffusionObjective, make_objective
+from tinyfusion.objectives import DiffusionObjective
 
 
 def test_mask_zeroes_exactly_the_entries_beyond_two_std():
@@ -82,7 +82,7 @@ def test_train_masked_kd_runs_end_to_end(tmp_path, family):
     from tinyfusion.pruning import write_pruned
     write_pruned(tmp_path / "student.pt", f"{family}-Tiny-D4/2", str(tmp_path / "teacher.pt"), teacher.state_dict(),
                  teacher.block_lists, [0, 2], "index", groups=[[1, 2], [1, 2]])
-    main([f"--model", f"{family}-Tiny-D2/2", "--load-weight", str(tmp_path / "student.pt"), "--teacher",
+    main(["--model", f"{family}-Tiny-D2/2", "--load-weight", str(tmp_path / "student.pt"), "--teacher",
           f"{family}-Tiny-D4/2", "--load-teacher", str(tmp_path / "teacher.pt"), "--data-path", store,
           "--image-size", "32", "--num-classes", "4", "--num-workers", "0", "--global-batch-size", "8",
           "--max-steps", "3", "--log-every", "1", "--results-dir", str(tmp_path / "out"), "--prefix", "kd",

@@ -3,7 +3,6 @@ import json
 import os
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 

@@ -248,7 +248,7 @@ def _in_process(module, argv, capsys):
     ("prune_by_index", [], "exactly one of"),
     ("prune_by_score", ["--n-pruned", "4", "--calib-random"], "--n-pruned 4"),
     ("prune_by_score", ["--n-pruned", "1", "--data-path", "/nonexistent/features"], "does not exist"),
-    ("prune_by_score", ["--n-pruned", "1", "--calib-random", "--image-size", "36"], "divisible by 8"),
+    ("prune_by_score", ["--n-pruned", "1", "--calib-random", "--image-size", "36"], "multiple of 8"),
 ])
 def test_scripts_refuse_bad_input(tmp_path, source_ckpt, capsys, module, extra, needle):
     out = tmp_path / "out" / "pruned.pt"

@@ -160,6 +160,12 @@ def write_pruned(path, source_model, source_checkpoint, state_dict, block_lists,
     return name, record
 
 
+def pruned_summary(name, record, path):
+    """What a pruning script prints at the end: kept/removed blocks and how to load the result."""
+    return (f"kept {record['kept']}\nremoved {record['removed']}\nsaved {name} ({record['depth']} of "
+            f"{record['source_depth']} blocks) to {path}; load it with --model {name}")
+
+
 # ----------------------------------------------------------------------------- score baselines
 
 def check_n_pruned(n_pruned, depth):
