@@ -54,7 +54,8 @@ class Demo:
 
     # ---- bookkeeping ---------------------------------------------------------------------------
     def check_settings(self):
-        settings = {"budget": self.budget, "teacher": self.args.teacher}
+        # Seeds are left out: each seed has its own folder, so a run may add or drop seeds.
+        settings = {"budget": {k: v for k, v in self.budget.items() if k != "seeds"}, "teacher": self.args.teacher}
         path = os.path.join(self.out, "settings.json")
         if os.path.exists(path):
             with open(path) as f:
