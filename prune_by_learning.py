@@ -62,7 +62,7 @@ def main(argv=None):
     if args.save_model and os.path.isdir(args.save_model):
         raise UserError(f"--save-model {args.save_model} is a folder: give a file path ending in .pt or .safetensors")
     base_name, groups = resolve_model_and_groups(args)
-    rt = setup_runtime(args.device)
+    rt = setup_runtime(args.device, tf32=args.tf32)
     seed_everything(args.global_seed)
     family = family_of(base_name)
     store, shape = open_training_data(args, base_name)

@@ -29,7 +29,7 @@ def main(argv=None):
     parser.add_argument("--save-model", type=str, default=None, help="also write the final EMA weights here")
     args = parser.parse_args(argv)
 
-    rt = setup_runtime(args.device)
+    rt = setup_runtime(args.device, tf32=args.tf32)
     seed_everything(args.global_seed)  # same initial weights in every process and every run
     family = family_of(args.model)
     store, shape = open_training_data(args, args.model)

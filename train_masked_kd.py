@@ -11,6 +11,8 @@ the batch size.
 """
 import argparse
 
+import torch
+
 from models import family_of
 from tinyfusion.cli import add_model_args, create_model, open_training_data
 from tinyfusion.errors import UserError, run_main
@@ -35,6 +37,8 @@ def build_parser():
     g.add_argument("--alpha-diff", type=float, default=0.1)
     g.add_argument("--beta", type=float, default=None, help="initial L_Rep weight (default 1e-2; SiT 2e-4)")
     g.add_argument("--beta-end", type=float, default=0.0)
+    g.add_argument("--teacher-precision", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16: teacher weights in bf16 (half its memory, faster on GPUs), run under bf16 autocast")
     g.add_argument("--mask-std", type=float, default=2.0, help="mask hidden entries beyond this many std")
     g.add_argument("--save-model", type=str, default=None, help="also write the final EMA weights here")
     return parser
@@ -47,7 +51,7 @@ def main(argv=None):
     family = family_of(args.model)
     if family_of(args.teacher) != family:
         raise UserError(f"teacher {args.teacher} and student {args.model} are different model families")
-    rt = setup_runtime(args.device)
+    rt = setup_runtime(args.device, tf32=args.tf32)
     seed_everything(args.global_seed)
     store, shape = open_training_data(args, args.model)
     student = create_model(args.model, shape, args.num_classes, args.load_weight)
@@ -61,7 +65,8 @@ def main(argv=None):
                         f"or pass --layer-map")
     beta = args.beta if args.beta is not None else (2e-4 if family == "SiT" else 1e-2)  # paper Table 6
     objective = MaskedKDObjective(make_objective(family, shape, args), student, teacher, layer_map,
-                                  args.alpha_kd, args.alpha_diff, beta, args.beta_end, args.mask_std)
+                                  args.alpha_kd, args.alpha_diff, beta, args.beta_end, args.mask_std,
+                                  teacher_dtype=torch.bfloat16 if args.teacher_precision == "bf16" else None)
     trainer = Trainer(rt, student, objective, store, args, results_dir=experiment_dir(args, args.model))
     trainer.logger.info(f"student {args.model} ({student.depth} blocks) <- teacher {args.teacher} "
                         f"({teacher.depth} blocks); layer map {layer_map}; beta {beta} -> {args.beta_end}")

@@ -18,5 +18,17 @@ def family_of(name):
 def build_model(name, **kwargs):
     """Build a registry model by name, e.g. build_model('DiT-XL/2', input_size=32)."""
     return REGISTRIES[family_of(name)][name](**kwargs)
-from .mar import MAR, MAR_models
+
+
+def set_grad_checkpointing(model, enabled=True):
+    """Recompute block activations in the backward pass (DiT, SiT, MAR and its DiffLoss MLP)."""
+    modules = [m for m in model.modules() if hasattr(m, "grad_checkpointing")]
+    if not modules:
+        raise ValueError(f"{type(model).__name__} has no gradient checkpointing switch")
+    for m in modules:
+        m.grad_checkpointing = enabled
+    return model
+
+
+from .mar import MAR, MAR_models  # noqa: E402  (mar imports from this package)
 REGISTRIES["MAR"] = MAR_models

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from tinyfusion.errors import UserError
 
@@ -134,6 +135,7 @@ class FinalLayer(nn.Module):
 
 class DiT(nn.Module):
     family = "DiT"
+    grad_checkpointing = False  # models.set_grad_checkpointing / --grad-checkpointing
     block_lists = ("blocks",)  # names of the prunable residual block lists, in execution order
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
@@ -210,7 +212,10 @@ class DiT(nn.Module):
     def forward(self, x, t, y, force_drop_ids=None):
         x, c = self.embed(x, t, y, force_drop_ids)
         for block in self.blocks:
-            x = block(x, c)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, c, use_reentrant=False)  # layer masks are drawn before, never inside
+            else:
+                x = block(x, c)
         return self.unpatchify(self.final_layer(x, c))
 
     def forward_with_cfg(self, x, t, y, cfg_scale, guide_all_channels=False):

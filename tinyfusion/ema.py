@@ -17,11 +17,19 @@ class EMA:
         self._pairs = [(e, p) for (n, e), p in zip(self.model.named_parameters(), model.parameters()) if p.requires_grad]
 
     @torch.no_grad()
-    def update(self, decay=None):
+    def update(self, decay=None, weight=None):
+        """ema <- lerp(ema, model, 1 - decay). `weight` (a 0/1 tensor on the device) scales the step, so a
+        skipped training step leaves the EMA untouched without reading the flag on the host."""
         d = self.decay if decay is None else decay
-        if self._pairs:
-            ema, cur = zip(*self._pairs)
-            torch._foreach_lerp_(list(ema), [p.detach() for p in cur], 1.0 - d)
+        if not self._pairs:
+            return
+        ema, cur = (list(t) for t in zip(*self._pairs))
+        cur = [p.detach() for p in cur]
+        if weight is None:
+            torch._foreach_lerp_(ema, cur, 1.0 - d)
+        else:
+            w = weight.to(ema[0].dtype) * (1.0 - d)
+            torch._foreach_lerp_(ema, cur, [w] * len(ema))
 
     def state_dict(self):
         return self.model.state_dict()

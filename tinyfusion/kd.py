@@ -8,8 +8,11 @@
   activations are masked first: per sample, entries of the teacher hidden state further than
   `mask_std` standard deviations from that sample's mean are zeroed in both hidden states.
 - beta decays linearly from beta_start to beta_end over training.
-The teacher is frozen, in eval mode, outside DDP, and runs without gradients.
+The teacher is frozen, in eval mode, outside DDP, and runs under inference mode; with
+teacher_dtype=torch.bfloat16 its weights are stored in bf16 (half the memory) and it runs under
+bf16 autocast whatever the student's precision.
 """
+import contextlib
 import json
 
 import torch
@@ -95,12 +98,15 @@ class HiddenStates:
 
 class MaskedKDObjective:
     def __init__(self, base, student, teacher, layer_map, alpha_kd=0.9, alpha_diff=0.1, beta_start=1e-2,
-                 beta_end=0.0, mask_std=2.0):
+                 beta_end=0.0, mask_std=2.0, teacher_dtype=None):
         if _width(student) != _width(teacher):
             raise UserError(f"teacher width {_width(teacher)} differs from student width {_width(student)}: "
                             f"depth-pruned students need a teacher of the same width")
         self.mar = getattr(student, "family", "") == "MAR"
         self.base, self.teacher, self.layer_map = base, teacher.eval().requires_grad_(False), layer_map
+        self.teacher_dtype = teacher_dtype
+        if teacher_dtype is not None:
+            teacher.to(teacher_dtype)
         self.alpha_kd, self.alpha_diff, self.beta_range, self.mask_std = alpha_kd, alpha_diff, (beta_start, beta_end), mask_std
         self.student_h = HiddenStates(student, [s for s, _ in layer_map])
         self.teacher_h = HiddenStates(teacher, [t for _, t in layer_map])
@@ -108,6 +114,14 @@ class MaskedKDObjective:
 
     def draw(self, n, generator):
         return self.base.draw(n, generator)
+
+    @contextlib.contextmanager
+    def teacher_mode(self):
+        """Inference mode (no autograd bookkeeping at all), plus autocast when the teacher's weights are low precision."""
+        device = next(self.teacher.parameters()).device.type
+        low = self.teacher_dtype not in (None, torch.float32)
+        with torch.inference_mode(), torch.autocast(device, dtype=self.teacher_dtype, enabled=low):
+            yield
 
     def begin_step(self, step, total):
         start, end = self.beta_range
@@ -132,7 +146,7 @@ class MaskedKDObjective:
     def _mar_terms(self, model, x, y, draws):
         """MAR: KD on the DiffLoss network's prediction for the same noisy tokens, over masked tokens."""
         from .mar_objectives import mar_kd_terms, masked_token_mean
-        terms = mar_kd_terms(model, self.teacher, x, y, draws)
+        terms = mar_kd_terms(model, self.teacher, x, y, draws, teacher_mode=self.teacher_mode)
         sq = ((terms["student_out"] - terms["teacher_out"].to(terms["student_out"].dtype)) ** 2).mean(-1)
         return terms["student_loss"], masked_token_mean(sq, terms["mask"]), {}
 
@@ -146,6 +160,7 @@ class MaskedKDObjective:
         diff_loss, logs = self.base.loss(student, x, y, draws, step)
         with torch.no_grad():
             xt, t = self._noisy_input(x, draws)
+        with self.teacher_mode():
             teacher_out = self.teacher(xt, t, y, force_drop_ids=draws["drop"])
         kd = mean_flat((captured["out"] - teacher_out.to(captured["out"].dtype)) ** 2)
         return diff_loss, kd, logs

@@ -139,7 +139,7 @@ def run_mar(model, x, y, draws, layers=()):
             "out": seen["out"], "hidden": seen["hidden"]}
 
 
-def mar_kd_terms(student, teacher, x, y, draws, student_layers=(), teacher_layers=()):
+def mar_kd_terms(student, teacher, x, y, draws, student_layers=(), teacher_layers=(), teacher_mode=torch.no_grad):
     """Run a MAR student (trained; may be DDP-wrapped) and a frozen teacher (eval mode) on identical
     randomness: the same token orders, mask, label drops, and DiffLoss t and noise.
 
@@ -151,7 +151,7 @@ def mar_kd_terms(student, teacher, x, y, draws, student_layers=(), teacher_layer
       mask (B, L)                           1 = masked token, the only ones the DiffLoss counts
       student_hidden, teacher_hidden        {global block index: block output} for the requested blocks
                                             (encoder blocks first: (B, buffer + visible, D); decoder: (B, buffer + L, D))
-    Reduce token terms with `masked_token_mean`. The teacher runs under no_grad."""
+    Reduce token terms with `masked_token_mean`. The teacher runs under `teacher_mode()` (default no_grad)."""
     s = run_mar(student, x, y, draws, student_layers)
     sm, tm = unwrap(student), unwrap(teacher)
     if (tm.seq_len, tm.diffusion_batch_mul, tm.token_embed_dim) != (sm.seq_len, sm.diffusion_batch_mul,
@@ -159,7 +159,7 @@ def mar_kd_terms(student, teacher, x, y, draws, student_layers=(), teacher_layer
         raise UserError("teacher and student MAR differ in tokens per image, diffusion_batch_mul or token channels: "
                         "distill between models built for the same image size and latent")
     B, L, mul = len(x), sm.seq_len, sm.diffusion_batch_mul
-    with torch.no_grad():
+    with teacher_mode():
         ft = tm.forward_features(x, y, {k: draws[k] for k in ("orders", "mask", "drop")},
                                  return_hidden=bool(teacher_layers))
         cond = ft["z"].reshape(B * L, -1).repeat(mul, 1)  # tiled like forward_loss

@@ -8,7 +8,13 @@ What makes resume exact (bit-identical weights after a SIGKILL and --resume on C
   1 process with batch 2B sees the same numbers as 2 processes with batch B each;
 - model, EMA, optimizer, scheduler, grad scaler and objective state are saved together,
   atomically, and restored before the next step.
+
+What keeps the step free of host-device syncs (with the fused AdamW default): a non-finite loss
+or gradient norm is turned into the optimizer's `found_inf` flag and a zero EMA weight on the
+device, so the step is skipped without Python ever reading a GPU value; the loss is accumulated
+on the device and read once per --log-every steps.
 """
+import argparse
 import glob
 import math
 import os
@@ -17,6 +23,7 @@ import time
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from models import set_grad_checkpointing
 from .checkpoint import load_checkpoint, save_checkpoint, save_weights
 from .ema import EMA
 from .errors import UserError
@@ -46,6 +53,11 @@ def add_train_args(parser, lr=1e-4, ema_decay=0.9999, grad_clip=0.0):
     g.add_argument("--keep-last", type=int, default=0, help="keep only the last K checkpoints (0 keeps all)")
     g.add_argument("--resume", type=str, default=None, help="a checkpoint path, or 'auto' for the latest one")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute each block's activations in the backward pass: far less memory, ~1/3 more time")
+    g.add_argument("--fused-adamw", action=argparse.BooleanOptionalAction, default=True,
+                   help="fused AdamW kernel; it also lets a non-finite step be skipped without a host-device sync")
+    g.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True, help="CUDA: TF32 matmuls and convs")
     g.add_argument("--device", type=str, default=None, help="cpu or cuda (default: cuda if available)")
     return g
 
@@ -126,12 +138,14 @@ class Trainer:
         for g in groups:
             g.setdefault("lr", args.lr)
             g["base_lr"] = g["lr"]
-        fused = runtime.device.type == "cuda"
-        self.opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay, fused=fused)
+        self.fused = getattr(args, "fused_adamw", True)
+        self.opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay, fused=self.fused)
         self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=args.precision == "fp16")
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
         self.step = 0
-        self.skipped = 0
+        self.skipped = torch.zeros((), dtype=torch.long, device=runtime.device)  # read only when logged/saved
+        if getattr(args, "grad_checkpointing", False):
+            set_grad_checkpointing(self.model, True)
         self.logger = logger or RunLogger(self.results_dir, runtime.is_main)
         net = DDP(self.model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None,
                   find_unused_parameters=ddp_find_unused) if runtime.distributed else self.model
@@ -143,7 +157,7 @@ class Trainer:
     def checkpoint_dict(self):
         extra = self.objective.state_dict() if hasattr(self.objective, "state_dict") else {}
         return {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
-                "scaler": self.scaler.state_dict(), "train_steps": self.step, "skipped_steps": self.skipped,
+                "scaler": self.scaler.state_dict(), "train_steps": self.step, "skipped_steps": int(self.skipped),
                 "objective": extra, "args": {k: v for k, v in vars(self.args).items() if _plain(v)}}
 
     def save(self):
@@ -172,7 +186,8 @@ class Trainer:
         self.ema.load_state_dict(ckpt["ema"])
         self.opt.load_state_dict(ckpt["opt"])
         self.scaler.load_state_dict(ckpt["scaler"])
-        self.step, self.skipped = ckpt["train_steps"], ckpt.get("skipped_steps", 0)
+        self.step = ckpt["train_steps"]
+        self.skipped.fill_(ckpt.get("skipped_steps", 0))
         if hasattr(self.objective, "load_state_dict"):
             self.objective.load_state_dict(ckpt.get("objective", {}))
         self.logger.info(f"resumed from {path} at step {self.step}")
@@ -209,13 +224,25 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.opt)
-        params = [p for g in self.opt.param_groups for p in g["params"]]
-        norm = torch.nn.utils.clip_grad_norm_(params, a.grad_clip if a.grad_clip > 0 else float("inf"))
-        if torch.isfinite(loss) and torch.isfinite(norm):
+        params = [p for g in self.opt.param_groups for p in g["params"] if p.grad is not None]
+        if a.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, a.grad_clip)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        finite = torch.isfinite(loss) & torch.isfinite(norm)
+        self.skipped += ~finite  # a non-finite step is skipped and counted, never applied
+        if self.fused and not self.scaler.is_enabled():
+            # The fused kernel skips the update (and its step count) where found_inf is set: no sync.
+            self.opt.found_inf, self.opt.grad_scale = (~finite).float(), None
+            self.opt.step()
+            del self.opt.found_inf, self.opt.grad_scale
+            self.ema.update(weight=finite)
+        elif self.scaler.is_enabled():  # fp16: the scaler skips steps with non-finite gradients itself
             self.scaler.step(self.opt)
+            self.ema.update(weight=finite)
+        elif bool(finite):  # unfused optimizer: the only host-device sync of the step
+            self.opt.step()
             self.ema.update()
-        else:  # a non-finite step is skipped and counted, never applied
-            self.skipped += 1
         self.scaler.update()
         self.step += 1
         return loss.detach(), logs
@@ -251,13 +278,13 @@ class Trainer:
         mean_loss = self.rt.all_reduce_mean(mean_loss).item()
         sps = steps / max(seconds, 1e-9)
         values = {"loss": mean_loss, "steps_per_sec": sps, "images_per_sec": sps * self.args.global_batch_size,
-                  "lr": self.opt.param_groups[0]["lr"], "skipped_steps": self.skipped}
+                  "lr": self.opt.param_groups[0]["lr"], "skipped_steps": int(self.skipped)}
         values.update({k: float(v) for k, v in logs.items()})
         self.logger.scalars(self.step, values)
         extra = self.objective.log_line() if hasattr(self.objective, "log_line") else ""
         self.logger.info(f"(step={self.step:07d}) loss {mean_loss:.4f}, {sps:.2f} steps/s, "
                          f"{values['images_per_sec']:.1f} img/s, lr {values['lr']:.2e}"
-                         + (f", skipped {self.skipped}" if self.skipped else "") + (f" | {extra}" if extra else ""))
+                         + (f", skipped {values['skipped_steps']}" if values["skipped_steps"] else "") + (f" | {extra}" if extra else ""))
 
 
 def _plain(v):
