@@ -12,6 +12,11 @@ Rows (all through the real `tinyfusion.trainer.Trainer.train_step`: autocast, Ad
   kd           masked KD of the half-depth student from the unpruned teacher (train_masked_kd.py)
 Peak memory covers the whole configuration (weights, EMA copy, optimizer state, activations; the
 teacher too for kd): CUDA max_memory_allocated, CPU the rise of peak RSS (approximate).
+
+`--ladder` instead times the chosen configs (default plain and mask+lora) from the plain fp32 eager
+path of this code (TF32 off, unfused AdamW) adding one switch at a time: TF32 (CUDA), fused AdamW,
+bf16 autocast, torch.compile, then gradient checkpointing (memory for time); ratios are against the
+fp32 eager row of the same config.
 """
 import argparse
 import os
@@ -27,7 +32,6 @@ from benchmarks.common import (PeakMemory, add_common_args, bench_model, fmt_byt
                                latent_shape, markdown_table, ratio, release_memory, resolve, set_tf32, time_calls)
 from models import family_of
 from models.layer_mask import parse_groups
-from tinyfusion.errors import UserError
 from tinyfusion.logging import RunLogger
 from tinyfusion.mask_learning import MaskLearningObjective, prepare_mask_learning
 from tinyfusion.objectives import make_objective
@@ -45,6 +49,14 @@ PRESETS = dict(cpu=dict(model="DiT-B/2", image_size=128, batch_size=2, iters=3),
                smoke=dict(model="DiT-B/2", image_size=32, batch_size=2, iters=1))
 
 
+# (label, settings added on top of the previous row); the first row is the plain fp32 eager path
+LADDER = {"eager": ("fp32 eager", dict(tf32=False, fused=False, precision="fp32", compile=False,
+                                        grad_checkpointing=False)),
+          "tf32": ("+ TF32", dict(tf32=True)), "fused": ("+ fused AdamW", dict(fused=True)),
+          "bf16": ("+ bf16 autocast", dict(precision="bf16")), "compile": ("+ torch.compile", dict(compile=True)),
+          "checkpointing": ("+ grad checkpointing", dict(grad_checkpointing=True))}
+
+
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
@@ -56,7 +68,11 @@ def build_parser():
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="Trainer autocast")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (Trainer --compile)")
     parser.add_argument("--no-tf32", action="store_true", help="CUDA: keep matmuls in full fp32")
-    parser.add_argument("--grad-checkpointing", action="store_true", help="MAR only (DiT/SiT do not expose it)")
+    parser.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in backward")
+    parser.add_argument("--no-fused-adamw", dest="fused", action="store_false", help="foreach instead of fused AdamW")
+    parser.add_argument("--ladder", action="store_true", help="add the optimisations one at a time (see above)")
+    parser.add_argument("--skip", nargs="+", default=[], choices=[k for k in LADDER if k != "eager"],
+                        help="ladder rows to leave out (e.g. compile: minutes of compilation on a CPU)")
     parser.add_argument("--lora-rank", type=int, default=8)
     return parser
 
@@ -68,17 +84,17 @@ def trainer_args(args, results_dir):
     a = parser.parse_args([])
     a.global_batch_size, a.max_steps, a.precision, a.compile = args.batch_size, 10**6, args.precision, args.compile
     a.grad_clip, a.results_dir, a.num_workers = 1.0, results_dir, 0  # grad clip 1.0: mask learning and KD use it
+    a.fused_adamw, a.grad_checkpointing = args.fused, args.grad_checkpointing
     return a
 
 
 def setup(config, args, device):
     """(model, objective, optimizer param groups or None) of one configuration, random weights."""
     torch.manual_seed(0)
-    extra = {"grad_checkpointing": True} if args.grad_checkpointing else {}
     with torch.device("meta"):  # the unpruned model's shape, without allocating it
         full = bench_model(args.model, args.image_size, args.smoke)
     depth, half = full.depth, config in ("plain-D/2", "kd")
-    model = bench_model(args.model, args.image_size, args.smoke, **(half_depth(full) if half else {}), **extra)
+    model = bench_model(args.model, args.image_size, args.smoke, **(half_depth(full) if half else {}))
     objective, groups = make_objective(family_of(args.model), latent_shape(args.model, args.image_size)), None
     if config.startswith("mask"):
         mask, groups = prepare_mask_learning(model, parse_groups("1:2", depth), delta_w=config != "mask-only",
@@ -111,35 +127,60 @@ def measure(config, args, device, workdir):
     return row
 
 
+def ladder_rows(args, device, workdir):
+    rows = []
+    for config in args.configs:
+        settings = {}
+        for key, (label, change) in LADDER.items():
+            if key in args.skip or (key == "tf32" and device.type != "cuda"):  # TF32 is a CUDA setting
+                continue
+            settings.update(change)
+            set_tf32(device, settings["tf32"])
+            row = measure(config, argparse.Namespace(**{**vars(args), **settings}), device, workdir)
+            rows.append({**row, "label": label})
+    return rows
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     device = resolve(args, PRESETS["cpu"], PRESETS["cuda"], PRESETS["smoke"])
     set_tf32(device, not args.no_tf32)
-    if args.grad_checkpointing and family_of(args.model) != "MAR":
-        raise UserError(f"--grad-checkpointing: {args.model} has no gradient checkpointing switch (only MAR models do)")
+    if args.ladder and args.configs == list(CONFIGS):
+        args.configs = ["plain", "mask+lora"]
     configs = [c for c in args.configs if c != "kd" or MaskedKDObjective is not None]
     with tempfile.TemporaryDirectory() as workdir:
         # prime one-time costs (lazy library init, allocator pools) so they do not land on the first row
         measure("plain", argparse.Namespace(**{**vars(args), "smoke": True, "image_size": 32, "batch_size": 2,
-                                               "warmup": 0, "iters": 1}), device, workdir)
-        rows = [measure(c, args, device, workdir) for c in configs]
-    base = next((r for r in rows if r["config"] == "plain"), rows[0])
-    for r in rows:
+                                               "warmup": 0, "iters": 1, "compile": False}), device, workdir)
+        rows = ladder_rows(args, device, workdir) if args.ladder else [measure(c, args, device, workdir) for c in configs]
+    for r in rows:  # ladder: against the first row of the same config; else against plain
+        base = next((b for b in rows if b["config"] == r["config"]), r) if args.ladder else \
+            next((b for b in rows if b["config"] == "plain"), rows[0])
         r["time_ratio"] = ratio(r["seconds"], base["seconds"])
         r["memory_ratio"] = ratio(r["peak_bytes"], base["peak_bytes"])
+        r["speedup"] = ratio(base["seconds"], r["seconds"])
 
-    print(f"\n## Training step: {args.model}, batch {args.batch_size}, {args.image_size} px, {args.precision}"
-          f"{', compiled' if args.compile else ''}{' (smoke: tiny widths, numbers meaningless)' if args.smoke else ''}")
+    what = "optimisation ladder" if args.ladder else "Training step"
+    switches = "" if args.ladder else f", {args.precision}{', compiled' if args.compile else ''}" + \
+        (", grad checkpointing" if args.grad_checkpointing else "") + ("" if args.fused else ", unfused AdamW")
+    print(f"\n## {what}: {args.model}, batch {args.batch_size}, {args.image_size} px{switches}"
+          f"{' (smoke: tiny widths, numbers meaningless)' if args.smoke else ''}")
     print(hardware(device) + f"; median of {args.iters} step(s) after {args.warmup} warm-up\n")
+    if args.ladder:
+        print(markdown_table(
+            ["config", "settings", "steps/s", "images/s", "peak memory", "speedup x fp32 eager", "memory x fp32 eager"],
+            [[r["config"], r["label"], f"{r['steps_per_s']:.3f}", f"{r['images_per_s']:.2f}", fmt_bytes(r["peak_bytes"]),
+              fmt_ratio(r["speedup"]), fmt_ratio(r["memory_ratio"])] for r in rows]))
+        print("\n(each row adds its switch to the rows above it; target on GPU: the optimised step >= 1.5x fp32 eager)")
+        return rows
+    base = rows[0]["config"] if not any(r["config"] == "plain" for r in rows) else "plain"
     print(markdown_table(
-        ["config", "depth", "trainable %", "steps/s", "images/s", "peak memory", f"time x {base['config']}",
-         f"memory x {base['config']}"],
+        ["config", "depth", "trainable %", "steps/s", "images/s", "peak memory", f"time x {base}",
+         f"memory x {base}"],
         [[r["config"], r["depth"], f"{r['trainable_pct']:.3g}", f"{r['steps_per_s']:.3f}", f"{r['images_per_s']:.2f}",
           fmt_bytes(r["peak_bytes"]), fmt_ratio(r["time_ratio"]), fmt_ratio(r["memory_ratio"])] for r in rows]))
     if MaskedKDObjective is None and "kd" in args.configs:
         print("\n(kd skipped: tinyfusion.kd is not available in this checkout)")
-    print(f"\n(gradient checkpointing {'on' if args.grad_checkpointing else 'off'}: a switch of MAR models only; "
-          f"AdamW is fused on CUDA, Trainer has no switch for it)")
     return rows
 
 

@@ -60,6 +60,15 @@ def test_training_table(capsys):
         assert r["peak_bytes"] is not None and cells[5] != "n/a"  # Linux: the RSS peak is readable
 
 
+def test_training_ladder(capsys):
+    rows = bench_training.main(SMOKE + ["--ladder", "--configs", "plain", "--skip", "compile"])
+    printed = table_rows(capsys.readouterr().out)
+    # CPU: no TF32 row; each row adds one switch to the previous ones
+    assert [c[1] for c in printed] == ["fp32 eager", "+ fused AdamW", "+ bf16 autocast", "+ grad checkpointing"]
+    for r, cells in zip(rows, printed):
+        assert cells[5] == f"{rows[0]['seconds'] / r['seconds']:.2f}x"
+
+
 def test_loader_table_and_check(tmp_path, capsys):
     rows = bench_loader.main(SMOKE + ["--root", str(tmp_path)])
     printed = table_rows(capsys.readouterr().out)
