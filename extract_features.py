@@ -28,7 +28,7 @@ def main(args):
         extract_features(args.data_path, args.features_path, image_size=args.image_size, vae=args.vae,
                          batch_size=batch_size, num_workers=args.num_workers, global_seed=args.global_seed,
                          dtype=args.dtype, store=args.store, shard_size=args.shard_size, limit=args.limit,
-                         channels=args.channels, runtime=rt)
+                         channels=args.channels, runtime=rt, channels_last=args.channels_last)
     finally:
         rt.shutdown()
 
@@ -51,5 +51,6 @@ if __name__ == "__main__":
     parser.add_argument("--shard-size", type=int, default=50_000, help="images per shard")
     parser.add_argument("--limit", type=int, default=None, help="encode only N images, evenly spaced over the folder")
     parser.add_argument("--channels", type=int, choices=[1, 3], default=3, help="1 = grayscale (with --vae none)")
+    parser.add_argument("--channels-last", action="store_true", help="encode with NHWC convolutions (often faster on GPUs)")
     parser.add_argument("--device", type=str, default=None, help="cuda | cpu (default: cuda when available)")
     run_main(main, parser.parse_args())

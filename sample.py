@@ -48,7 +48,7 @@ def main(argv=None):
     shape = latent_shape_for(args)
     model = create_model(args.model, shape, args.num_classes, args.ckpt).to(rt.device).eval()
     sampler = make_sampler(family, args)
-    decode = load_decoder(family, args.vae, rt.device)
+    decode = load_decoder(family, args.vae, rt.device, args.channels_last)
     y = torch.tensor(args.class_labels, device=rt.device)
     z = torch.randn(len(y), *shape, device=rt.device)
     latents = sampler(model, z, y, args.cfg_scale, use_cfg=True, progress=True)

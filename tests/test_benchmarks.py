@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy import linalg
 
-from benchmarks import bench_evaluator, bench_loader, bench_sampling, bench_training
+from benchmarks import bench_evaluator, bench_loader, bench_sampling, bench_training, bench_vae
 from conftest import ROOT
 
 SMOKE = ["--smoke", "--device", "cpu"]
@@ -67,6 +67,14 @@ def test_training_ladder(capsys):
     assert [c[1] for c in printed] == ["fp32 eager", "+ fused AdamW", "+ bf16 autocast", "+ grad checkpointing"]
     for r, cells in zip(rows, printed):
         assert cells[5] == f"{rows[0]['seconds'] / r['seconds']:.2f}x"
+
+
+def test_vae_table(capsys):
+    rows = bench_vae.main(SMOKE)
+    printed = table_rows(capsys.readouterr().out)
+    assert [(c[0], c[1], c[2]) for c in printed] == [(w, l, p) for w in ("encode", "decode") for l, p in bench_vae.ROWS]
+    for r in rows:  # channels-last changes the layout, not the result; bf16 only rounds
+        assert r["max_abs_diff"] < (1e-4 if r["precision"] == "fp32" else 0.2), r
 
 
 def test_loader_table_and_check(tmp_path, capsys):

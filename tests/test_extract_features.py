@@ -166,3 +166,15 @@ def test_extraction_errors(assets, tmp_path, monkeypatch, capsys):
         load_vae("tinyfusion-tests/no-such-vae")
     with pytest.raises(UserError, match="no such folder"):
         load_vae("./no/such/vae")
+
+
+def test_channels_last_vae_gives_the_same_latents_and_images(assets):
+    root, _ = assets
+    plain, nhwc = load_vae(str(root / "vae")), load_vae(str(root / "vae"), channels_last=True)
+    assert nhwc.vae.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    for a, b in zip(plain.moments(x), nhwc.moments(x)):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+        assert b.is_contiguous()  # callers get the usual NCHW layout back
+    z = torch.randn(2, 4, 4, 4)
+    torch.testing.assert_close(nhwc.decode(z), plain.decode(z), rtol=1e-5, atol=1e-5)

@@ -117,14 +117,14 @@ def _exit_hook():
 
 def extract_features(data_path, features_path, image_size=256, vae="ema", batch_size=32, num_workers=4,
                      global_seed=0, dtype="fp32", store="latents", shard_size=50_000, limit=None, channels=3,
-                     runtime=None):
+                     runtime=None, channels_last=False):
     """Encode an ImageFolder into a sharded feature store; resumes an interrupted run. Returns the manifest."""
     rt = runtime or setup_runtime()
     if store not in ("latents", "moments"):
         raise UserError(f"--store {store}: use latents or moments")
     if shard_size < 1 or (limit is not None and limit < 1):
         raise UserError(f"--shard-size {shard_size} and --limit {limit} must be >= 1")
-    coder = load_vae(vae, rt.device, channels=channels)
+    coder = load_vae(vae, rt.device, channels=channels, channels_last=channels_last)
     if coder.in_channels != channels:
         raise UserError(f"VAE {coder.name} takes {coder.in_channels}-channel images, not --channels {channels}")
     if store == "moments" and not coder.stochastic:

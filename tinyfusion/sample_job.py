@@ -33,7 +33,7 @@ from .sampling import load_decoder, make_sampler, per_sample_noise, to_uint8
 
 STREAM_INPUTS, STREAM_STEPS, STREAM_CHUNK = 0, 1, 2
 # Flags that only say where and how many images go: a restart may change them.
-NOT_CONTENT = ("num_fid_samples", "sample_dir", "out", "save_png", "keep_parts", "device")
+NOT_CONTENT = ("num_fid_samples", "sample_dir", "out", "save_png", "keep_parts", "device", "channels_last")
 
 
 def derived_seed(global_seed, index, stream):
@@ -157,7 +157,7 @@ def sample_fid_batch(args, rt):
     settings = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_CONTENT}
 
     model = create_model(args.model, shape, args.num_classes, args.ckpt).to(rt.device).eval()
-    decode = load_decoder(family, args.vae, rt.device)
+    decode = load_decoder(family, args.vae, rt.device, args.channels_last)
     if rt.is_main:
         os.makedirs(store.root, exist_ok=True)
         store.check_settings(settings, write=True)

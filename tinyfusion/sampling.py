@@ -33,6 +33,7 @@ def add_sampler_args(parser, steps=250):
     g.add_argument("--diffusion-norm", type=float, default=1.0)
     g.add_argument("--last-step", type=str, default="Mean")
     g.add_argument("--last-step-size", type=float, default=0.04)
+    g.add_argument("--channels-last", action="store_true", help="decode with NHWC convolutions (often faster on GPUs)")
     g.add_argument("--num-iter", type=int, default=64, help="MAR: autoregressive steps")
     g.add_argument("--cfg-schedule", type=str, default="linear", help="MAR: linear or constant")
     g.add_argument("--temperature", type=float, default=1.0, help="MAR: DiffLoss noise temperature")
@@ -156,12 +157,12 @@ def to_uint8(images):
     return torch.clamp(127.5 * images + 128.0, 0, 255).permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8).numpy()
 
 
-def load_decoder(family, vae, device):
+def load_decoder(family, vae, device, channels_last=False):
     """Latents -> images in [-1, 1]: SD VAE (ema/mse/id/folder), KL-16 for MAR (a checkpoint path), or none."""
     if family == "MAR" and vae not in (None, "none"):
         from models.kl16 import MAR_LATENT_SCALE, load_kl16
-        kl16 = load_kl16(vae).to(device)
-        return lambda z: kl16.decode(z / MAR_LATENT_SCALE).clamp(-1, 1)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        kl16 = load_kl16(vae).to(device, memory_format=fmt)
+        return lambda z: kl16.decode((z / MAR_LATENT_SCALE).contiguous(memory_format=fmt)).clamp(-1, 1).contiguous()
     from .vae import load_vae
-    coder = load_vae(vae, device)
-    return coder.decode
+    return load_vae(vae, device, channels_last=channels_last).decode

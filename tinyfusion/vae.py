@@ -45,6 +45,7 @@ def gaussian_noise(shape, generator=None, device="cpu", dtype=torch.float32):
 class SDVAE:
     """A diffusers AutoencoderKL with the latent scale applied on encode and undone on decode."""
     stochastic = True
+    memory_format = torch.contiguous_format
 
     def __init__(self, autoencoder, name="AutoencoderKL"):
         self.vae = autoencoder.eval().requires_grad_(False)
@@ -59,14 +60,23 @@ class SDVAE:
         self.vae.to(device)
         return self
 
+    def use_channels_last(self, enabled=True):
+        """NHWC convolutions (faster cuDNN / oneDNN kernels); inputs are converted, outputs are returned NCHW."""
+        self.memory_format = torch.channels_last if enabled else torch.contiguous_format
+        self.vae.to(memory_format=self.memory_format)
+        return self
+
     @property
     def device(self):
         return next(self.vae.parameters()).device
 
+    def _input(self, x):
+        return x.to(self.device).contiguous(memory_format=self.memory_format)
+
     @torch.no_grad()
     def moments(self, x):
-        dist = self.vae.encode(x.to(self.device)).latent_dist
-        return dist.mean, dist.logvar
+        dist = self.vae.encode(self._input(x)).latent_dist
+        return dist.mean.contiguous(), dist.logvar.contiguous()
 
     @torch.no_grad()
     def encode(self, x, generator=None):
@@ -76,7 +86,7 @@ class SDVAE:
 
     @torch.no_grad()
     def decode(self, z):
-        return self.vae.decode(z.to(self.device) / self.scale).sample.clamp(-1, 1)
+        return self.vae.decode(self._input(z) / self.scale).sample.clamp(-1, 1).contiguous()
 
 
 class IdentityVAE:
@@ -90,6 +100,9 @@ class IdentityVAE:
         self.latent_channels = self.in_channels = channels
 
     def to(self, device):
+        return self
+
+    def use_channels_last(self, enabled=True):
         return self
 
     def moments(self, x):
@@ -113,12 +126,17 @@ def resolve_vae_name(name):
     return VAE_SHORTCUTS.get(name, name)
 
 
-def load_vae(name_or_path="ema", device="cpu", channels=3):
-    """Load a VAE by shortcut ('ema', 'mse', 'none'), hub id or local diffusers folder, on `device`.
+def load_vae(name_or_path="ema", device="cpu", channels=3, channels_last=False):
+    """Load a VAE by shortcut ('ema', 'mse', 'none'), hub id or local diffusers folder, on `device`
+    (NHWC convolutions with `channels_last`).
 
     Tries the local HF cache first (local_files_only) and only goes online when HF_HUB_OFFLINE and
     friends are unset, so a cached or local VAE never triggers a download.
     """
+    return _load_vae(name_or_path, device, channels).use_channels_last(channels_last)
+
+
+def _load_vae(name_or_path, device, channels):
     if name_or_path in (None, "none"):
         return IdentityVAE(channels)
     from diffusers.models import AutoencoderKL
