@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy import linalg
 
-from benchmarks import bench_evaluator, bench_loader, bench_sampling, bench_training, bench_vae
+from benchmarks import bench_evaluator, bench_loader, bench_memory, bench_sampling, bench_training, bench_vae
 from conftest import ROOT
 
 SMOKE = ["--smoke", "--device", "cpu"]
@@ -75,6 +75,29 @@ def test_vae_table(capsys):
     assert [(c[0], c[1], c[2]) for c in printed] == [(w, l, p) for w in ("encode", "decode") for l, p in bench_vae.ROWS]
     for r in rows:  # channels-last changes the layout, not the result; bf16 only rounds
         assert r["max_abs_diff"] < (1e-4 if r["precision"] == "fp32" else 0.2), r
+
+
+def test_saved_bytes_of_an_mlp_match_the_formula():
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+    nbytes, _ = bench_memory.saved_bytes(lambda: net(torch.randn(5, 8)), net.parameters())
+    assert nbytes == 5 * (8 + 16 + 16) * 4  # inputs of Linear 1, GELU and Linear 2, fp32
+
+
+def test_memory_table(capsys):
+    rows = bench_memory.main(SMOKE + ["--batch-size", "4", "--check-linearity"])
+    printed = table_rows(capsys.readouterr().out)
+    assert [(c[0], c[1], c[2]) for c in printed] == [(c, p, "on" if g else "off") for c, p, g in bench_memory.ROWS]
+    from models import build_model
+    model = build_model("DiT-B/2", input_size=4, hidden_size=64, num_heads=4)
+    params = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # plain fp32: weights + EMA copy (all params) + grads + two AdamW moments (trainable), 4 bytes each
+    expected = 4 * (2 * params + 3 * trainable)
+    assert rows[0]["static"] == pytest.approx(expected, rel=0.01)
+    by = {(r["config"], r["precision"], r["checkpointing"]): r for r in rows}
+    assert by["mask+lora", "bf16", True]["per_image"] < by["mask+lora", "bf16", False]["per_image"]
+    assert by["mask+lora", "bf16", False]["static"] < by["mask+full", "bf16", False]["static"]
+    assert max(r["linearity_error"] for r in rows) < 0.01  # what the extrapolation to large batches rests on
 
 
 def test_loader_table_and_check(tmp_path, capsys):
