@@ -86,7 +86,9 @@ def test_train_masked_kd_runs_end_to_end(tmp_path, family):
           f"{family}-Tiny-D4/2", "--load-teacher", str(tmp_path / "teacher.pt"), "--data-path", store,
           "--image-size", "32", "--num-classes", "4", "--num-workers", "0", "--global-batch-size", "8",
           "--max-steps", "3", "--log-every", "1", "--results-dir", str(tmp_path / "out"), "--prefix", "kd",
-          "--save-model", str(tmp_path / "final.pt")])
+          "--save-model", str(tmp_path / "final.pt"),
+          # the speed switches, one family each: they must not change what the script does
+          *(["--teacher-precision", "bf16", "--grad-checkpointing"] if family == "SiT" else ["--no-fused-adamw"])])
     log = open(tmp_path / "out" / "kd" / "log.txt").read()
     assert "layer map [(0, 1), (1, 3)]" in log and "(step=0000003)" in log
     assert (tmp_path / "final.pt").exists()
