@@ -15,7 +15,8 @@ from tinyfusion.cli import add_image_args, create_model, latent_shape_for
 from tinyfusion.errors import UserError, run_main
 from tinyfusion.objectives import add_transport_args
 from tinyfusion.runtime import seed_everything, setup_runtime
-from tinyfusion.sampling import add_sampler_args, check_cfg, load_decoder, make_sampler
+from tinyfusion.sampling import (add_sampler_args, check_cfg, denoiser_precision, load_decoder, make_sampler,
+                                 prepare_denoiser)
 
 CLASS_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]
 
@@ -46,13 +47,14 @@ def main(argv=None):
     seed_everything(args.seed)  # before the model, as the official scripts do (its init draws numbers)
     family = family_of(args.model)
     shape = latent_shape_for(args)
-    model = create_model(args.model, shape, args.num_classes, args.ckpt).to(rt.device).eval()
+    model = prepare_denoiser(create_model(args.model, shape, args.num_classes, args.ckpt).to(rt.device).eval(), args)
     sampler = make_sampler(family, args)
     decode = load_decoder(family, args.vae, rt.device, args.channels_last)
     y = torch.tensor(args.class_labels, device=rt.device)
     z = torch.randn(len(y), *shape, device=rt.device)
-    latents = sampler(model, z, y, args.cfg_scale, use_cfg=True, progress=True)
-    images = decode(latents)
+    with denoiser_precision(args, rt.device):
+        latents = sampler(model, z, y, args.cfg_scale, use_cfg=True, progress=True)
+    images = decode(latents.float())
     save_image(images, args.out, nrow=args.nrow, normalize=True, value_range=(-1, 1))
     print(f"saved {len(images)} samples ({sampler.name}, cfg {args.cfg_scale}) to {args.out}")
 

@@ -29,11 +29,12 @@ from .checkpoint import atomic_path
 from .cli import create_model, latent_shape_for
 from .errors import UserError
 from .npz import NpzWriter
-from .sampling import load_decoder, make_sampler, per_sample_noise, to_uint8
+from .sampling import denoiser_precision, load_decoder, make_sampler, per_sample_noise, prepare_denoiser, to_uint8
 
 STREAM_INPUTS, STREAM_STEPS, STREAM_CHUNK = 0, 1, 2
 # Flags that only say where and how many images go: a restart may change them.
-NOT_CONTENT = ("num_fid_samples", "sample_dir", "out", "save_png", "keep_parts", "device", "channels_last")
+NOT_CONTENT = ("num_fid_samples", "sample_dir", "out", "save_png", "keep_parts", "device", "channels_last",
+               "compile")
 
 
 def derived_seed(global_seed, index, stream):
@@ -156,7 +157,7 @@ def sample_fid_batch(args, rt):
     store = PartStore(folder)
     settings = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_CONTENT}
 
-    model = create_model(args.model, shape, args.num_classes, args.ckpt).to(rt.device).eval()
+    model = prepare_denoiser(create_model(args.model, shape, args.num_classes, args.ckpt).to(rt.device).eval(), args)
     decode = load_decoder(family, args.vae, rt.device, args.channels_last)
     if rt.is_main:
         os.makedirs(store.root, exist_ok=True)
@@ -180,9 +181,10 @@ def sample_fid_batch(args, rt):
         torch.manual_seed(derived_seed(args.global_seed, b, STREAM_CHUNK))  # SiT SDE / MAR internal noise
         noise_fn = per_sample_noise([derived_seed(args.global_seed, i, STREAM_STEPS) for i in idx], rt.device)
         with torch.no_grad():
-            latents = sampler(model, z.to(rt.device), y.to(rt.device), args.cfg_scale, use_cfg=use_cfg,
-                              noise_fn=noise_fn)
-            arr = to_rgb_uint8(decode(latents))
+            with denoiser_precision(args, rt.device):
+                latents = sampler(model, z.to(rt.device), y.to(rt.device), args.cfg_scale, use_cfg=use_cfg,
+                                  noise_fn=noise_fn)
+            arr = to_rgb_uint8(decode(latents.float()))
         if args.save_png:
             _save_pngs(folder, idx.start, arr)
         store.save(b, arr)

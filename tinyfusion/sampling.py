@@ -34,10 +34,27 @@ def add_sampler_args(parser, steps=250):
     g.add_argument("--last-step", type=str, default="Mean")
     g.add_argument("--last-step-size", type=float, default=0.04)
     g.add_argument("--channels-last", action="store_true", help="decode with NHWC convolutions (often faster on GPUs)")
+    g.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16: the denoiser runs under bf16 autocast (the sampler's own arithmetic stays fp32)")
+    g.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
     g.add_argument("--num-iter", type=int, default=64, help="MAR: autoregressive steps")
     g.add_argument("--cfg-schedule", type=str, default="linear", help="MAR: linear or constant")
     g.add_argument("--temperature", type=float, default=1.0, help="MAR: DiffLoss noise temperature")
     return g
+
+
+def prepare_denoiser(model, args):
+    """Apply --compile to the blocks (every family has `block_lists`); returns the model."""
+    if getattr(args, "compile", False):
+        for name in model.block_lists:
+            for block in getattr(model, name):
+                block.compile()
+    return model
+
+
+def denoiser_precision(args, device):
+    """The autocast context the sampler runs in (--precision)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=getattr(args, "precision", "fp32") == "bf16")
 
 
 def check_cfg(cfg_scale):
