@@ -22,7 +22,7 @@ import torch
 from benchmarks.common import (add_common_args, bench_model, fmt_ratio, hardware, latent_shape, markdown_table, ratio,
                                resolve, set_tf32, time_interleaved)
 from tinyfusion.objectives import add_transport_args
-from tinyfusion.sampling import add_sampler_args, make_sampler
+from tinyfusion.sampling import add_sampler_args, make_sampler, prepare_denoiser
 
 MODELS = {"DiT": ["DiT-XL/2", "DiT-D19/2", "DiT-D14/2", "DiT-D7/2"],
           "SiT": ["SiT-XL/2", "SiT-D14/2"],
@@ -48,6 +48,7 @@ def build_parser():
     parser.add_argument("--cfg-scale", type=float, default=1.5)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="autocast dtype")
     parser.add_argument("--no-tf32", action="store_true", help="CUDA: keep matmuls in full fp32")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each block (sample.py --compile)")
     return parser
 
 
@@ -67,7 +68,7 @@ def sampler_args(family, steps):
 def prepare(name, sampler, args, device):
     """(info row, zero-argument sampling call) of one model with random weights."""
     torch.manual_seed(0)
-    model = bench_model(name, args.image_size, args.smoke).to(device).eval()
+    model = prepare_denoiser(bench_model(name, args.image_size, args.smoke).to(device).eval(), args)
     z = torch.randn(args.batch_size, *latent_shape(name, args.image_size), device=device)  # MAR: only B and device
     y = torch.randint(0, model.num_classes, (args.batch_size,), device=device)
 
@@ -91,7 +92,8 @@ def main(argv=None):
         row.update(seconds=seconds, images_per_s=args.batch_size / seconds, speedup=ratio(times[0], seconds))
 
     print(f"\n## Sampling throughput: {sampler.name}, batch {args.batch_size} (CFG x2), {args.image_size} px, "
-          f"{args.precision}{' (smoke: tiny widths, numbers meaningless)' if args.smoke else ''}")
+          f"{args.precision}{', compiled' if args.compile else ''}"
+          f"{' (smoke: tiny widths, numbers meaningless)' if args.smoke else ''}")
     print(hardware(device) + f"; median of {args.iters} round-robin call(s) after {args.warmup} warm-up\n")
     print(markdown_table(
         ["model", "depth", "params (M)", "s / call", "ms / step", "images/s", f"speedup vs {names[0]}", "paper"],
