@@ -4,8 +4,9 @@
 
 Does DiT-XL/2 mask learning fit at batch 32 on an 80 GB GPU? Without a GPU we count the bytes that
 decide it, for the real `Trainer` objects of each bench_training configuration:
-  static     every tensor that lives through the step: weights and buffers, the EMA copy, AdamW's
-             two moments, the gradients of the trainable weights (and the KD teacher);
+  static     every tensor that lives through the step: weights and buffers, the EMA copy, the KD
+             teacher (as allocated), and the gradients and AdamW's two moments of the trainable
+             weights (3 x their size, counted rather than allocated, so XL fits in this machine's RAM);
   saved      every tensor autograd keeps from the forward pass for the backward pass, counted by
              storage through `torch.autograd.graph.saved_tensors_hooks` (bf16 weight copies made by
              autocast included), measured at batch 1 and 2; it is exactly linear in the batch
@@ -60,12 +61,13 @@ def storage_bytes(tensors):
 
 
 def static_bytes(trainer, objective):
+    """Weights, buffers, EMA copy and teacher as allocated; gradients and AdamW's two moments as what they
+    will be (one tensor of the parameter's size each, per trainable parameter), so no step has to run."""
     model = list(trainer.model.parameters()) + list(trainer.model.buffers())
     ema = list(trainer.ema.model.parameters()) + list(trainer.ema.model.buffers())
-    opt = [v for state in trainer.opt.state.values() for v in state.values() if torch.is_tensor(v)]
-    grads = [p.grad for g in trainer.opt.param_groups for p in g["params"]]
     teacher = list(objective.teacher.parameters()) if hasattr(objective, "teacher") else []
-    return storage_bytes(model + ema + opt + grads + teacher)
+    trainable = sum(p.numel() * p.element_size() for g in trainer.opt.param_groups for p in g["params"])
+    return storage_bytes(model + ema + teacher) + 3 * trainable
 
 
 def saved_bytes(forward, params=()):
@@ -95,7 +97,7 @@ def step_saved_bytes(trainer, objective, x, y):
 
     nbytes, loss = saved_bytes(forward, trainer.model.parameters())
     loss.backward()  # frees what was saved
-    trainer.opt.zero_grad(set_to_none=False)
+    trainer.opt.zero_grad(set_to_none=True)
     return nbytes
 
 
@@ -110,7 +112,6 @@ def measure(config, precision, checkpointing, args, device):
     shape = latent_shape(args.model, args.image_size)
     batches = (1, 2, 3) if args.check_linearity else (1, 2)
     inputs = {b: (torch.randn(b, *shape, device=device), torch.randint(0, 1000, (b,), device=device)) for b in batches}
-    trainer.train_step(*inputs[1])  # creates the optimizer state; the gradients stay allocated
     saved = {b: step_saved_bytes(trainer, objective, *inputs[b]) for b in batches}
     per_image, fixed = saved[2] - saved[1], 2 * saved[1] - saved[2]
     static = static_bytes(trainer, objective)

@@ -9,7 +9,8 @@ import pytest
 import torch
 from scipy import linalg
 
-from benchmarks import bench_evaluator, bench_loader, bench_memory, bench_sampling, bench_training, bench_vae
+from benchmarks import (bench_evaluator, bench_loader, bench_memory, bench_sampler_tradeoff, bench_sampling,
+                        bench_training, bench_vae)
 from conftest import ROOT
 
 SMOKE = ["--smoke", "--device", "cpu"]
@@ -134,6 +135,25 @@ def test_evaluator_table(capsys):
     precision, recall = (d <= radii(ref)[:, None]).any(0).mean(), (d <= radii(sam)[None]).any(1).mean()
     assert rows[3]["precision"] == pytest.approx(precision, abs=0.02)
     assert rows[3]["recall"] == pytest.approx(recall, abs=0.02)
+
+
+def test_sampler_tradeoff_table(tmp_path, capsys):
+    # a missing reference batch is rebuilt (no download) instead of failing
+    rows = bench_sampler_tradeoff.main(SMOKE + ["--ref-batch", str(tmp_path / "missing.npz")])
+    out = capsys.readouterr().out
+    assert "missing.npz is missing: built the held-out digits" in out
+    printed = table_rows(out)
+    assert [(r[0], int(r[1])) for r in printed] == [("DDPM", 10), ("DDIM", 5)]
+    for row, cells in zip(rows, printed):  # speedup = reference seconds / seconds; images/s = 20 samples / seconds
+        assert cells[4] == f"{rows[0]['seconds'] / row['seconds']:.2f}x"
+        assert float(cells[3]) == pytest.approx(20 / row["seconds"], rel=0.01, abs=0.1)
+        assert 0 <= row["accuracy"] <= 1 and row["fid"] > 0
+    # the row's samples are sample_digits' with the script's labels and seed: same class accuracy from scratch
+    from tinyfusion.digits import (DigitsExtractor, class_accuracy, load_digits_classifier, load_digits_teacher,
+                                   sample_digits)
+    labels = np.arange(20) % 10
+    images = sample_digits(load_digits_teacher(), labels, 5, 1.5, seed=0, sampler="ddim")
+    assert class_accuracy(DigitsExtractor(load_digits_classifier()), images, labels) == rows[1]["accuracy"]
 
 
 def test_script_runs_standalone(tmp_path):
