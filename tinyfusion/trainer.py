@@ -9,7 +9,7 @@ What makes resume exact (bit-identical weights after a SIGKILL and --resume on C
 - model, EMA, optimizer, scheduler, grad scaler and objective state are saved together,
   atomically, and restored before the next step.
 
-What keeps the step free of host-device syncs (with the fused AdamW default): a non-finite loss
+What keeps the step free of host-device syncs (with fused AdamW, the CUDA default): a non-finite loss
 or gradient norm is turned into the optimizer's `found_inf` flag and a zero EMA weight on the
 device, so the step is skipped without Python ever reading a GPU value; the loss is accumulated
 on the device and read once per --log-every steps.
@@ -55,8 +55,10 @@ def add_train_args(parser, lr=1e-4, ema_decay=0.9999, grad_clip=0.0):
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--grad-checkpointing", action="store_true",
                    help="recompute each block's activations in the backward pass: far less memory, ~1/3 more time")
-    g.add_argument("--fused-adamw", action=argparse.BooleanOptionalAction, default=True,
-                   help="fused AdamW kernel; it also lets a non-finite step be skipped without a host-device sync")
+    g.add_argument("--fused-adamw", action=argparse.BooleanOptionalAction, default=None,
+                   help="fused AdamW kernel, which also lets a non-finite step be skipped without a host-device "
+                        "sync (default: on with CUDA; off on CPU, where there is no sync to save and the foreach "
+                        "kernel keeps CPU runs bit-identical to earlier releases)")
     g.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True, help="CUDA: TF32 matmuls and convs")
     g.add_argument("--device", type=str, default=None, help="cpu or cuda (default: cuda if available)")
     return g
@@ -138,7 +140,8 @@ class Trainer:
         for g in groups:
             g.setdefault("lr", args.lr)
             g["base_lr"] = g["lr"]
-        self.fused = getattr(args, "fused_adamw", True)
+        fused = getattr(args, "fused_adamw", None)
+        self.fused = runtime.device.type == "cuda" if fused is None else fused
         self.opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay, fused=self.fused)
         self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=args.precision == "fp16")
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
