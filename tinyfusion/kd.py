@@ -117,7 +117,7 @@ class MaskedKDObjective:
 
     @contextlib.contextmanager
     def teacher_mode(self):
-        """Inference mode (no autograd bookkeeping at all), plus autocast when the teacher's weights are low precision."""
+        """Inference mode (no autograd bookkeeping at all), plus autocast when the teacher's weights are bf16."""
         device = next(self.teacher.parameters()).device.type
         low = self.teacher_dtype not in (None, torch.float32)
         with torch.inference_mode(), torch.autocast(device, dtype=self.teacher_dtype, enabled=low):

@@ -285,9 +285,10 @@ class Trainer:
         values.update({k: float(v) for k, v in logs.items()})
         self.logger.scalars(self.step, values)
         extra = self.objective.log_line() if hasattr(self.objective, "log_line") else ""
+        skipped = f", skipped {values['skipped_steps']}" if values["skipped_steps"] else ""
         self.logger.info(f"(step={self.step:07d}) loss {mean_loss:.4f}, {sps:.2f} steps/s, "
-                         f"{values['images_per_sec']:.1f} img/s, lr {values['lr']:.2e}"
-                         + (f", skipped {values['skipped_steps']}" if values["skipped_steps"] else "") + (f" | {extra}" if extra else ""))
+                         f"{values['images_per_sec']:.1f} img/s, lr {values['lr']:.2e}{skipped}"
+                         + (f" | {extra}" if extra else ""))
 
 
 def _plain(v):

@@ -133,7 +133,8 @@ def load_vae(name_or_path="ema", device="cpu", channels=3, channels_last=False):
     Tries the local HF cache first (local_files_only) and only goes online when HF_HUB_OFFLINE and
     friends are unset, so a cached or local VAE never triggers a download.
     """
-    return _load_vae(name_or_path, device, channels).use_channels_last(channels_last)
+    vae = _load_vae(name_or_path, device, channels)
+    return vae.use_channels_last() if channels_last else vae
 
 
 def _load_vae(name_or_path, device, channels):
