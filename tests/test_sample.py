@@ -75,11 +75,15 @@ def test_bf16_and_compiled_denoiser_stay_close_to_fp32(tmp_path, keep_grad_mode,
     if name.startswith("DiT"):
         variants["compiled"] = ["--compile"]
     grids = {}
+    from torch._dynamo.utils import counters
     for key, flags in variants.items():
+        graphs = counters["stats"]["unique_graphs"]
         sample.main([*extra, *flags, "--model", name, "--ckpt", str(ckpt), "--vae", "none", "--image-size", "8",
                      "--num-classes", "10", "--class-labels", "1", "2", "--out", str(tmp_path / f"{key}.png"),
                      "--device", "cpu", "--cfg-scale", "2.0", "--seed", "3"])
         grids[key] = np.asarray(Image.open(tmp_path / f"{key}.png")).astype(np.float64)
+        if key == "compiled":  # the blocks really went through torch.compile
+            assert counters["stats"]["unique_graphs"] > graphs
     assert grids["fp32"].std() > 1
     # bf16 rounds the denoiser's outputs (~3 significant digits): some pixels move, the picture does not
     assert 0 < np.abs(grids["bf16"] - grids["fp32"]).mean() < 4.0

@@ -97,7 +97,7 @@ def test_fused_and_unfused_adamw_agree(tmp_path):
 @pytest.mark.parametrize("name", ["DiT-Tiny-D4/2", "SiT-Tiny-D4/2"])
 def test_grad_checkpointing_gives_the_same_gradients(name):
     """Masked blocks (Gumbel masks drawn once per pass) must recompute with the same masks."""
-    grads = []
+    grads, counts = [], []
     for on in (False, True):
         torch.manual_seed(0)
         model = build_model(name, input_size=4, num_classes=4).train()
@@ -108,8 +108,13 @@ def test_grad_checkpointing_gives_the_same_gradients(name):
         if on:
             set_grad_checkpointing(model)
         x, t, y = torch.randn(3, *SHAPE), torch.rand(3) * (999 if name.startswith("DiT") else 1), torch.tensor([0, 1, 2])
-        model(x, t, y).square().mean().backward()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = model(x, t, y)
+        out.square().mean().backward()
+        counts.append(len(saved))
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert counts[1] < counts[0] / 2, counts  # checkpointing really ran: far fewer tensors kept for backward
     assert grads[0].keys() == grads[1].keys() and any("layer_mask" in k for k in grads[0])
     for k in grads[0]:
         torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-5, atol=1e-7, msg=k)
