@@ -134,7 +134,7 @@ def test_dropped_connection_is_resumed_with_range(server, monkeypatch, tmp_path)
     got = dl.fetch(NAME, progress=False)
     assert hashlib.sha256(open(got, "rb").read()).hexdigest() == hashlib.sha256(body).hexdigest()
     assert server.requests == [(path, None, 100_000), (path, "bytes=100000-", 50_000),
-                               (path, "bytes=150000-", len(body) - 150_000)]
+                               (path, "bytes=150000-", len(body) - 150_000)], server.requests
 
 
 def test_killed_download_keeps_part_and_next_run_resumes(server, monkeypatch, tmp_path):
@@ -266,3 +266,19 @@ def test_sample_with_release_name_equals_local_file(server, monkeypatch, tmp_pat
     a, b = (np.asarray(Image.open(tmp_path / f)) for f in ("a.png", "b.png"))
     assert a.std() > 1 and np.array_equal(a, b) and len(server.requests) == 1
     assert os.path.isfile(tmp_path / "cache" / NAME)
+
+
+def test_missing_path_ending_in_a_release_name_says_how_to_fetch(tmp_path):
+    from tinyfusion.checkpoint import read_weights
+    with pytest.raises(UserError, match=f"pretrained/{NAME} does not exist; .*pass just {NAME} to fetch it"):
+        read_weights(f"pretrained/{NAME}")
+    with pytest.raises(UserError, match="checkpoint other/x.pt does not exist"):
+        read_weights("other/x.pt")
+
+
+def test_sample_ddp_without_ckpt_names_its_folder_pretrained():
+    """The official folder name: `{model}-pretrained-size-...` when --ckpt is omitted."""
+    import argparse
+    from tinyfusion.sample_job import folder_name
+    args = argparse.Namespace(model="DiT-XL/2", ckpt=None, vae="ema", image_size=256, cfg_scale=1.5, global_seed=0)
+    assert folder_name(args, "ddpm-250") == "DiT-XL-2-pretrained-size-256-vae-ema-cfg-1.5-seed-0-ddpm-250"

@@ -86,7 +86,13 @@ def resolve(name_or_path):
     """A local path to read: an existing path as is; a release name fetched into the cache when missing;
     anything else unchanged (the caller reports a missing file)."""
     path = os.fspath(name_or_path)
-    release = None if os.path.exists(path) else release_of(path)
+    if os.path.exists(path):
+        return path
+    release = release_of(path)
+    if release is None and release_of(os.path.basename(path)):  # e.g. the README's pretrained/<release>
+        name = os.path.basename(path)
+        raise UserError(f"{path} does not exist; {name} is a released checkpoint: pass just {name} to fetch it into "
+                        f"{cache_dir()}/ (or run `python download.py {name}`)")
     return fetch(release.name) if release else path
 
 
@@ -198,6 +204,7 @@ def _copy(resp, part, offset, total, name, progress):
                 f.write(chunk)
                 bar.update(len(chunk))
         except (http.client.HTTPException, OSError) as e:  # connection reset or timed out mid-file
+            f.write(getattr(e, "partial", b""))  # IncompleteRead carries the bytes that did arrive
             raise _Interrupted(f"{type(e).__name__} after {f.tell()} bytes") from None
 
 
