@@ -200,9 +200,11 @@ def test_offline_message_names_file_url_and_command(monkeypatch, tmp_path, capsy
     assert e.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err
     assert NAME in err and url in err and f"python download.py {NAME}" in err and str(tmp_path / "c" / NAME) in err
     assert not (tmp_path / "c" / NAME).exists()
-    monkeypatch.setenv(dl.OFFLINE_ENV, "1")  # offline mode says the same without trying
+    monkeypatch.setenv(dl.OFFLINE_ENV, "1")  # offline mode says the same without trying (or writing anything)
+    monkeypatch.setenv(dl.CACHE_ENV, str(tmp_path / "offline"))
     with pytest.raises(UserError, match=f"{dl.OFFLINE_ENV} is set.*python download.py {NAME}"):
         dl.fetch(NAME)
+    assert not (tmp_path / "offline").exists()
 
 
 def test_concurrent_processes_download_once(server, monkeypatch, tmp_path):

@@ -115,6 +115,8 @@ def fetch(name, progress=True):
     dest = cached_path(release)
     if os.path.isfile(dest):
         return dest
+    if os.environ.get(OFFLINE_ENV, "") not in ("", "0"):
+        raise UserError(_unreachable(release, dest, f"{OFFLINE_ENV} is set"))
     os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
     with _lock(dest):
         if not os.path.isfile(dest):  # another process may have finished it while we waited
@@ -124,8 +126,6 @@ def fetch(name, progress=True):
 
 def download(release, dest, progress=True, retries=None):
     """Stream `release` to `dest`.part (resuming what is there), verify it, rename it to `dest`; returns the sha256."""
-    if os.environ.get(OFFLINE_ENV, "") not in ("", "0"):
-        raise UserError(_unreachable(release, dest, f"{OFFLINE_ENV} is set"))
     part, retries = dest + ".part", RETRIES if retries is None else retries
     for attempt in range(retries + 1):
         try:
