@@ -13,7 +13,7 @@ from torchvision.utils import save_image
 
 from models import family_of
 from tinyfusion.cli import add_image_args, create_model, latent_shape_for
-from tinyfusion.download import default_checkpoint
+from tinyfusion.download import default_checkpoint, resolve
 from tinyfusion.errors import UserError, run_main
 from tinyfusion.objectives import add_transport_args
 from tinyfusion.runtime import seed_everything, setup_runtime
@@ -40,7 +40,7 @@ def main(argv=None):
     add_transport_args(parser)
     args = parser.parse_args(argv)
     check_cfg(args.cfg_scale)
-    ckpt = args.ckpt or default_checkpoint(args.model, args.image_size, args.num_classes)  # fetched, as officially
+    ckpt = resolve(args.ckpt or default_checkpoint(args.model, args.image_size, args.num_classes))  # fetched first
     if max(args.class_labels) >= args.num_classes or min(args.class_labels) < 0:
         raise UserError(f"--class-labels must lie in [0, {args.num_classes}) for --num-classes {args.num_classes}")
 

@@ -284,3 +284,15 @@ def test_sample_ddp_without_ckpt_names_its_folder_pretrained():
     from tinyfusion.sample_job import folder_name
     args = argparse.Namespace(model="DiT-XL/2", ckpt=None, vae="ema", image_size=256, cfg_scale=1.5, global_seed=0)
     assert folder_name(args, "ddpm-250") == "DiT-XL-2-pretrained-size-256-vae-ema-cfg-1.5-seed-0-ddpm-250"
+
+
+def test_sample_without_ckpt_fetches_the_official_release(capsys, tmp_path):
+    """sample.py for DiT-XL/2 without --ckpt asks for DiT-XL-2-512x512.pt (offline here: one line, before
+    the 675M-parameter model is built)."""
+    from tinyfusion.errors import run_main
+    import sample
+    with pytest.raises(SystemExit):
+        run_main(sample.main, ["--image-size", "512", "--device", "cpu", "--out", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot download DiT-XL-2-512x512.pt" in err
+    assert "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-512x512.pt" in err

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from models import family_of
 from .checkpoint import atomic_path
 from .cli import create_model, latent_shape_for
-from .download import default_checkpoint
+from .download import default_checkpoint, resolve
 from .errors import UserError
 from .npz import NpzWriter
 from .sampling import denoiser_precision, load_decoder, make_sampler, per_sample_noise, prepare_denoiser, to_uint8
@@ -157,7 +157,7 @@ def sample_fid_batch(args, rt):
     store = PartStore(folder)
     settings = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_CONTENT}
 
-    ckpt = args.ckpt or default_checkpoint(args.model, args.image_size, args.num_classes)  # fetched, as officially
+    ckpt = resolve(args.ckpt or default_checkpoint(args.model, args.image_size, args.num_classes))  # fetched first
     model = prepare_denoiser(create_model(args.model, shape, args.num_classes, ckpt).to(rt.device).eval(), args)
     decode = load_decoder(family, args.vae, rt.device, args.channels_last)
     if rt.is_main:
