@@ -35,6 +35,7 @@ class Server:
 
     def __init__(self):
         self.files, self.drop_after, self.html, self.missing, self.delay = {}, {}, set(), set(), 0.0
+        self.redirect = {}  # path -> path it moved to (302), as GitHub and Dropbox links do
         self.requests = []  # (path, Range header or None, bytes sent)
         server = self
 
@@ -45,6 +46,12 @@ class Server:
             def do_GET(self):
                 path, rng = self.path.split("?")[0], self.headers.get("Range")
                 time.sleep(server.delay)
+                if path in server.redirect:
+                    self.send_response(302)
+                    self.send_header("Location", server.redirect[path])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return server.requests.append((path, rng, 0))
                 if path in server.missing:
                     return self._reply(404, b"<html>Not Found</html>", "text/html", rng)
                 if path in server.html:  # e.g. a share link that now shows a login page
@@ -52,6 +59,12 @@ class Server:
                 body, start = server.files[path], 0
                 if rng:
                     start = int(re.match(r"bytes=(\d+)-", rng).group(1))
+                if start >= len(body):  # as real servers: 416 with the size when the range starts past the end
+                    self.send_response(416)
+                    self.send_header("Content-Range", f"bytes */{len(body)}")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return server.requests.append((path, rng, 0))
                 drops = server.drop_after.get(path) or []
                 n = drops.pop(0) if drops else None
                 status = 206 if rng else 200
@@ -149,6 +162,27 @@ def test_killed_download_keeps_part_and_next_run_resumes(server, monkeypatch, tm
     assert open(dl.fetch(NAME, progress=False), "rb").read() == body  # the next run
     assert server.requests[-1] == (path, "bytes=123456-", len(body) - 123_456)
     assert cache_files(tmp_path) == [NAME]
+
+
+def test_resume_through_a_redirect_keeps_the_range(server, monkeypatch, tmp_path):
+    body = checkpoint_bytes()
+    path = serve(monkeypatch, server, NAME, body)
+    server.files["/objects/blob"] = body
+    server.redirect[path] = "/objects/blob"
+    server.drop_after["/objects/blob"] = [70_000]
+    assert open(dl.fetch(NAME, progress=False), "rb").read() == body
+    assert server.requests == [(path, None, 0), ("/objects/blob", None, 70_000), (path, "bytes=70000-", 0),
+                               ("/objects/blob", "bytes=70000-", len(body) - 70_000)], server.requests
+
+
+def test_part_file_already_complete_is_not_fetched_again(server, monkeypatch, tmp_path):
+    """Killed after the last byte but before the rename: the server answers 416, the part is verified and kept."""
+    body = checkpoint_bytes()
+    path = serve(monkeypatch, server, NAME, body)
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / (NAME + ".part")).write_bytes(body)
+    assert open(dl.fetch(NAME, progress=False), "rb").read() == body
+    assert server.requests == [(path, f"bytes={len(body)}-", 0)] and cache_files(tmp_path) == [NAME]
 
 
 def test_checksum_mismatch_keeps_nothing(server, monkeypatch, tmp_path):

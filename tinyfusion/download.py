@@ -158,7 +158,9 @@ def _stream(release, dest, part, progress):
     try:
         resp = urllib.request.urlopen(urllib.request.Request(release.url, headers=headers), timeout=TIMEOUT_S)
     except urllib.error.HTTPError as e:
-        if e.code == 416 and offset:  # the part file is not a prefix the server can continue: start over
+        if e.code == 416 and offset:  # nothing left to send: complete already, or not a prefix of the file
+            if re.fullmatch(rf"bytes \*/{offset}", e.headers.get("Content-Range", "")):
+                return  # all bytes arrived before the last run stopped
             os.remove(part)
             return _stream(release, dest, part, progress)
         raise UserError(f"cannot download {release.name}: {release.url} answered HTTP {e.code} {e.reason}; nothing "
