@@ -14,8 +14,9 @@ import json
 
 import torch
 
+from tinyfusion.cli import add_cache_arg
 from tinyfusion.errors import run_main
-from tinyfusion.inception import WEIGHTS_ENV, InceptionExtractor, load_inception
+from tinyfusion.inception import WEIGHTS_ENV, WEIGHTS_FILE, InceptionExtractor, load_inception
 from tinyfusion.metrics import evaluate, format_report
 
 
@@ -24,7 +25,9 @@ def main():
     parser.add_argument("ref_batch", help="reference batch npz (arr_0 images and/or mu, sigma, mu_s, sigma_s)")
     parser.add_argument("sample_batch", help="sample batch npz (arr_0: uint8 N x H x W x 3)")
     parser.add_argument("--inception-weights", default=None,
-                        help=f"pytorch-fid Inception weights (.pth); default ${WEIGHTS_ENV}")
+                        help=f"pytorch-fid Inception weights (.pth); default ${WEIGHTS_ENV}, else {WEIGHTS_FILE} "
+                             f"(fetched into the cache when missing)")
+    add_cache_arg(parser)
     parser.add_argument("--feature-net", choices=["inception", "digits"], default="inception",
                         help="features for the metrics: ADM's Inception, or the digits demo's classifier")
     parser.add_argument("--digits-classifier", default=None,

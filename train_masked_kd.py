@@ -47,7 +47,7 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if not args.load_teacher:
-        raise UserError("--load-teacher is required: the teacher's weights, e.g. pretrained/DiT-XL-2-256x256.pt")
+        raise UserError("--load-teacher is required: the teacher's weights, e.g. DiT-XL-2-256x256.pt (fetched) or a path")
     family = family_of(args.model)
     if family_of(args.teacher) != family:
         raise UserError(f"teacher {args.teacher} and student {args.model} are different model families")

@@ -14,6 +14,7 @@ import tempfile
 
 import torch
 
+from .download import resolve
 from .errors import UserError
 
 # Official DiT/SiT/TinyFusion training checkpoints store their argparse Namespace under 'args'.
@@ -47,8 +48,9 @@ def _is_safetensors(path):
 
 
 def load_checkpoint(path):
-    """Load a whole checkpoint object (dict) safely; one clear error for missing or unsafe files."""
-    path = os.fspath(path)
+    """Load a whole checkpoint object (dict) safely; one clear error for missing or unsafe files.
+    A release name (tinyfusion.download.RELEASES) that is not a local path is fetched first."""
+    path = resolve(path)
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist: check the path (or download the file first)")
     if _is_safetensors(path):

@@ -18,11 +18,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models.inception import BasicConv2d, InceptionA, InceptionB, InceptionC, InceptionD, InceptionE
 
+from tinyfusion.download import RELEASES, resolve
 from tinyfusion.errors import UserError
 
 WEIGHTS_ENV = "TINYFUSION_INCEPTION_WEIGHTS"
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
-WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{WEIGHTS_FILE}"
+WEIGHTS_URL = RELEASES[WEIGHTS_FILE].url
 INPUT_SIZE = 299
 SPATIAL_CHANNELS = 7  # ADM keeps mixed_6/conv[..., :7]: 17*17*7 = 2023 sFID features
 
@@ -150,16 +151,16 @@ class FIDInception3(nn.Module):
 
 
 def load_inception(path=None, device="cpu"):
-    """The FID Inception with converted TF weights from a local file (never downloaded).
+    """The FID Inception with converted TF weights from `path`, a local file or the release name.
 
-    `path` defaults to $TINYFUSION_INCEPTION_WEIGHTS. Accepts the pytorch-fid / torch-fidelity state
+    `path` defaults to $TINYFUSION_INCEPTION_WEIGHTS, else to the release (fetched into the cache when
+    missing, as ADM's evaluator fetches its graph). Accepts the pytorch-fid / torch-fidelity state
     dict (torchvision names, e.g. `Mixed_5b.branch1x1.conv.weight`, `fc.weight`).
     """
-    path = path or os.environ.get(WEIGHTS_ENV)
-    if not path or not os.path.isfile(path):
-        where = f"{path!r} does not exist" if path else "no weights file given"
-        raise UserError(f"Inception weights needed ({where}): download {WEIGHTS_URL} and pass it with "
-                        f"--inception-weights PATH or the {WEIGHTS_ENV} environment variable")
+    path = resolve(path or os.environ.get(WEIGHTS_ENV) or WEIGHTS_FILE)
+    if not os.path.isfile(path):
+        raise UserError(f"Inception weights {path!r} do not exist: pass --inception-weights PATH (or {WEIGHTS_FILE}, "
+                        f"fetched from {WEIGHTS_URL}) or set the {WEIGHTS_ENV} environment variable")
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from models import family_of
 from .checkpoint import atomic_path
 from .cli import create_model, latent_shape_for
+from .download import default_checkpoint, resolve
 from .errors import UserError
 from .npz import NpzWriter
 from .sampling import denoiser_precision, load_decoder, make_sampler, per_sample_noise, prepare_denoiser, to_uint8
@@ -34,7 +35,7 @@ from .sampling import denoiser_precision, load_decoder, make_sampler, per_sample
 STREAM_INPUTS, STREAM_STEPS, STREAM_CHUNK = 0, 1, 2
 # Flags that only say where and how many images go: a restart may change them.
 NOT_CONTENT = ("num_fid_samples", "sample_dir", "out", "save_png", "keep_parts", "device", "channels_last",
-               "compile")
+               "compile", "cache_dir")
 
 
 def derived_seed(global_seed, index, stream):
@@ -65,7 +66,7 @@ def to_rgb_uint8(images):
 
 def folder_name(args, sampler_name):
     """The official DiT name, `{model}-{ckpt}-size-{S}-vae-{vae}-cfg-{cfg}-seed-{seed}`, plus the sampler."""
-    ckpt = os.path.splitext(os.path.basename(args.ckpt))[0]
+    ckpt = os.path.splitext(os.path.basename(args.ckpt))[0] if args.ckpt else "pretrained"  # official name
     vae = os.path.basename(os.path.normpath(args.vae)) if args.vae else "none"
     return (f"{args.model.replace('/', '-')}-{ckpt}-size-{args.image_size}-vae-{vae}-"
             f"cfg-{args.cfg_scale}-seed-{args.global_seed}-{sampler_name}")
@@ -140,8 +141,7 @@ def check_args(args):
     if args.global_seed < 0:
         raise UserError(f"--global-seed {args.global_seed} must be >= 0")
     if not args.ckpt:
-        raise UserError("--ckpt is required (this code never downloads weights): pass a trained, pruned or "
-                        "official checkpoint, e.g. --ckpt outputs/D14-Learned-Finetuning/checkpoints/0500000.pt")
+        default_checkpoint(args.model, args.image_size, args.num_classes)  # raises where there is no release
 
 
 def sample_fid_batch(args, rt):
@@ -157,7 +157,8 @@ def sample_fid_batch(args, rt):
     store = PartStore(folder)
     settings = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_CONTENT}
 
-    model = prepare_denoiser(create_model(args.model, shape, args.num_classes, args.ckpt).to(rt.device).eval(), args)
+    ckpt = resolve(args.ckpt or default_checkpoint(args.model, args.image_size, args.num_classes))  # fetched first
+    model = prepare_denoiser(create_model(args.model, shape, args.num_classes, ckpt).to(rt.device).eval(), args)
     decode = load_decoder(family, args.vae, rt.device, args.channels_last)
     if rt.is_main:
         os.makedirs(store.root, exist_ok=True)
