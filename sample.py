@@ -14,6 +14,7 @@ from models import family_of
 from tinyfusion.cli import add_image_args, create_model, latent_shape_for
 from tinyfusion.errors import UserError, run_main
 from tinyfusion.objectives import add_transport_args
+from tinyfusion.outputs import check_output_file
 from tinyfusion.runtime import seed_everything, setup_runtime
 from tinyfusion.sampling import (add_sampler_args, check_cfg, denoiser_precision, load_decoder, make_sampler,
                                  prepare_denoiser)
@@ -37,6 +38,7 @@ def main(argv=None):
     add_transport_args(parser)
     args = parser.parse_args(argv)
     check_cfg(args.cfg_scale)
+    check_output_file(args.out, "--out")
     if not args.ckpt:
         raise UserError("--ckpt is required (this code never downloads weights): e.g. download "
                         "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt and pass --ckpt <file>")

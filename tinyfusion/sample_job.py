@@ -28,7 +28,8 @@ from models import family_of
 from .checkpoint import atomic_path
 from .cli import create_model, latent_shape_for
 from .errors import UserError
-from .npz import NpzWriter
+from .npz import NpzWriter, npz_settings
+from .outputs import check_output_dir, check_output_file
 from .sampling import denoiser_precision, load_decoder, make_sampler, per_sample_noise, prepare_denoiser, to_uint8
 
 STREAM_INPUTS, STREAM_STEPS, STREAM_CHUNK = 0, 1, 2
@@ -98,15 +99,36 @@ class PartStore:
         if os.path.isfile(path):
             with open(path) as f:
                 old = json.load(f)
-            diff = [k for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)]
-            if diff:
-                shown = ", ".join(f"{k}: {old.get(k)!r:.40} -> {settings.get(k)!r:.40}" for k in diff[:4])
+            shown = settings_diff(old, settings)
+            if shown:
                 raise UserError(f"{self.root} holds samples made with other settings ({shown}): rerun with the "
                                 f"original flags, pass another --sample-dir, or delete {self.root}")
         elif write:
             with atomic_path(path) as tmp:
                 with open(tmp, "w") as f:
                     json.dump(settings, f, indent=1)
+
+
+def settings_diff(old, new):
+    """'key: old -> new, ...' for the first keys that differ, '' when the settings are the same."""
+    diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    return ", ".join(f"{k}: {old.get(k)!r:.40} -> {new.get(k)!r:.40}" for k in diff[:4])
+
+
+def finished_batch(out_path, record):
+    """True when `out_path` is a finished batch made with exactly `record`; refuses any other existing file,
+    so a finished result is never overwritten."""
+    if not os.path.exists(out_path):
+        return False
+    old = npz_settings(out_path)
+    if old is None:
+        raise UserError(f"{out_path} already exists and has no record of how it was made: pass another --out "
+                        f"(or --sample-dir), or delete it to sample again")
+    shown = settings_diff(old, record)
+    if shown:
+        raise UserError(f"{out_path} is a finished batch made with other settings ({shown}): pass another --out "
+                        f"(or --sample-dir) for this one, or delete it to replace it")
+    return True
 
 
 def _exit_after():
@@ -120,14 +142,14 @@ def _save_pngs(folder, start, arr):
         Image.fromarray(row).save(os.path.join(folder, f"{start + k:06d}.png"))
 
 
-def merge_parts(store, num_chunks, batch_size, total, out_path):
+def merge_parts(store, num_chunks, batch_size, total, out_path, settings=None):
     """Stream the parts, in chunk order, into an ADM npz of exactly `total` images; returns its shape."""
     for b in range(num_chunks):
         if not store.done(b, len(chunk_range(b, batch_size, total))):
             raise UserError(f"{store.path(b)} is missing or incomplete: rerun the same command to finish it")
     row_shape = np.load(store.path(0), mmap_mode="r").shape[1:]
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    with NpzWriter(out_path, total, row_shape) as writer:
+    with NpzWriter(out_path, total, row_shape, settings=settings) as writer:
         for b in range(num_chunks):
             writer.write(np.load(store.path(b)))
     return (total, *row_shape)
@@ -156,6 +178,12 @@ def sample_fid_batch(args, rt):
     num_chunks = math.ceil(total / bs)
     store = PartStore(folder)
     settings = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_CONTENT}
+    record = json.loads(json.dumps({**settings, "num_fid_samples": total}))  # as it reads back from the npz
+    if finished_batch(out_path, record):
+        rt.print(f"{out_path} is already finished ({total:,} samples with these settings): nothing to do")
+        return out_path if rt.is_main else None
+    check_output_file(out_path, "--out")
+    check_output_dir(folder, "--sample-dir")
 
     model = prepare_denoiser(create_model(args.model, shape, args.num_classes, args.ckpt).to(rt.device).eval(), args)
     decode = load_decoder(family, args.vae, rt.device, args.channels_last)
@@ -195,7 +223,7 @@ def sample_fid_batch(args, rt):
     rt.barrier()
     if not rt.is_main:
         return None
-    npz_shape = merge_parts(store, num_chunks, bs, total, out_path)
+    npz_shape = merge_parts(store, num_chunks, bs, total, out_path, settings=record)
     if not args.keep_parts:  # the npz holds them all now; keeping both would double the disk use
         shutil.rmtree(store.root)
         if not os.listdir(folder):
