@@ -5,7 +5,6 @@ zip member: `np.load` cannot memory-map an npz. Files written here are plain `np
 (stored, not compressed), so `np.load(path)["arr_0"]` and ADM's TF evaluator read them.
 """
 import contextlib
-import json
 import os
 import zipfile
 
@@ -16,7 +15,6 @@ from tinyfusion.outputs import check_output_file
 
 MAX_SAVE_IMAGES = 50_000
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
-SETTINGS_MEMBER = "tinyfusion_settings.json"  # not a .npy: np.load and ADM's evaluator ignore it
 
 
 @contextlib.contextmanager
@@ -57,14 +55,6 @@ def _open_array(path, key):
             read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
             shape, fortran, dtype = read(f)
             yield (None if fortran or dtype.hasobject else f), shape, dtype
-
-
-def npz_settings(path):
-    """The settings a batch was made with (recorded by NpzWriter(settings=...)), or None."""
-    with _open_zip(path) as zf:
-        if SETTINGS_MEMBER not in zf.namelist():
-            return None
-        return json.loads(zf.read(SETTINGS_MEMBER))
 
 
 def npz_array_info(path, key="arr_0"):
@@ -111,12 +101,11 @@ class NpzWriter:
     """Stream `num` rows of shape `row_shape` into `path` as the npz array `key`, without holding them.
 
     Writes to `path + '.tmp'` and renames on a clean close, so `path` is either absent or complete.
-    Use as a context manager; an exception or a short count leaves no file behind. `settings` (a JSON-able
-    dict) is stored beside the array, so a later run can tell what made the file.
+    Use as a context manager; an exception or a short count leaves no file behind.
     """
 
-    def __init__(self, path, num, row_shape, dtype=np.uint8, key="arr_0", settings=None):
-        self.path, self.tmp, self.settings = str(path), f"{path}.tmp", settings
+    def __init__(self, path, num, row_shape, dtype=np.uint8, key="arr_0"):
+        self.path, self.tmp = str(path), f"{path}.tmp"
         self.num, self.row_shape, self.dtype = num, tuple(row_shape), np.dtype(dtype)
         self.count = 0
         self._zip = zipfile.ZipFile(self.tmp, "w", zipfile.ZIP_STORED, allowZip64=True)
@@ -137,8 +126,6 @@ class NpzWriter:
 
     def close(self):
         self._member.close()
-        if self.settings is not None:
-            self._zip.writestr(SETTINGS_MEMBER, json.dumps(self.settings, indent=1, sort_keys=True))
         self._zip.close()
         if self.count != self.num:
             os.remove(self.tmp)

@@ -28,7 +28,7 @@ from models import family_of
 from .checkpoint import atomic_path
 from .cli import create_model, latent_shape_for
 from .errors import UserError
-from .npz import NpzWriter, npz_settings
+from .npz import NpzWriter
 from .outputs import check_output_dir, check_output_file
 from .sampling import denoiser_precision, load_decoder, make_sampler, per_sample_noise, prepare_denoiser, to_uint8
 
@@ -115,15 +115,23 @@ def settings_diff(old, new):
     return ", ".join(f"{k}: {old.get(k)!r:.40} -> {new.get(k)!r:.40}" for k in diff[:4])
 
 
+def settings_path(out_path):
+    """Where the settings of a finished batch are recorded: x.npz -> x.settings.json (the npz stays pure ADM)."""
+    return os.path.splitext(out_path)[0] + ".settings.json"
+
+
 def finished_batch(out_path, record):
     """True when `out_path` is a finished batch made with exactly `record`; refuses any other existing file,
     so a finished result is never overwritten."""
     if not os.path.exists(out_path):
         return False
-    old = npz_settings(out_path)
-    if old is None:
-        raise UserError(f"{out_path} already exists and has no record of how it was made: pass another --out "
-                        f"(or --sample-dir), or delete it to sample again")
+    try:
+        with open(settings_path(out_path)) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        raise UserError(f"{out_path} already exists and has no readable record of how it was made "
+                        f"({settings_path(out_path)}): pass another --out (or --sample-dir), or delete it to sample "
+                        f"again") from None
     shown = settings_diff(old, record)
     if shown:
         raise UserError(f"{out_path} is a finished batch made with other settings ({shown}): pass another --out "
@@ -142,14 +150,14 @@ def _save_pngs(folder, start, arr):
         Image.fromarray(row).save(os.path.join(folder, f"{start + k:06d}.png"))
 
 
-def merge_parts(store, num_chunks, batch_size, total, out_path, settings=None):
+def merge_parts(store, num_chunks, batch_size, total, out_path):
     """Stream the parts, in chunk order, into an ADM npz of exactly `total` images; returns its shape."""
     for b in range(num_chunks):
         if not store.done(b, len(chunk_range(b, batch_size, total))):
             raise UserError(f"{store.path(b)} is missing or incomplete: rerun the same command to finish it")
     row_shape = np.load(store.path(0), mmap_mode="r").shape[1:]
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    with NpzWriter(out_path, total, row_shape, settings=settings) as writer:
+    with NpzWriter(out_path, total, row_shape) as writer:
         for b in range(num_chunks):
             writer.write(np.load(store.path(b)))
     return (total, *row_shape)
@@ -223,7 +231,10 @@ def sample_fid_batch(args, rt):
     rt.barrier()
     if not rt.is_main:
         return None
-    npz_shape = merge_parts(store, num_chunks, bs, total, out_path, settings=record)
+    with atomic_path(settings_path(out_path)) as tmp:  # first: an npz is never left without its record
+        with open(tmp, "w") as f:
+            json.dump(record, f, indent=1)
+    npz_shape = merge_parts(store, num_chunks, bs, total, out_path)
     if not args.keep_parts:  # the npz holds them all now; keeping both would double the disk use
         shutil.rmtree(store.root)
         if not os.listdir(folder):
