@@ -40,7 +40,7 @@ def atomic_path(path):
     try:
         yield tmp
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:
+    except Exception as e:
         if not _is_write_failure(e):
             raise
         folder = os.path.dirname(os.path.abspath(path))
@@ -53,10 +53,14 @@ def atomic_path(path):
 
 
 def _is_write_failure(e):
-    """Out of space: OSError ENOSPC/EDQUOT, or torch.save's zip writer failing (it reports no errno)."""
-    if isinstance(e, OSError):
-        return e.errno in (errno.ENOSPC, errno.EDQUOT)
-    return "PytorchStreamWriter" in str(e) or "inline_container" in str(e)
+    """Out of space (or over a quota / file-size limit). Only OSError carries an errno: numpy's short write,
+    torch.save's zip writer and safetensors report the failure in their message instead."""
+    if isinstance(e, OSError) and e.errno is not None:
+        return e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    text = str(e)
+    return (isinstance(e, OSError) and "requested and" in text and "written" in text) or \
+        (isinstance(e, RuntimeError) and ("PytorchStreamWriter" in text or "inline_container" in text)) or \
+        (type(e).__name__ == "SafetensorError" and "I/O error" in text)
 
 
 def remove_stale_temporaries(folder):

@@ -157,7 +157,7 @@ def load_inception(path=None, device="cpu"):
     dict (torchvision names, e.g. `Mixed_5b.branch1x1.conv.weight`, `fc.weight`).
     """
     path = path or os.environ.get(WEIGHTS_ENV)
-    if not path or not os.path.isfile(path):
+    if not path or not os.path.exists(path):
         where = f"{path!r} does not exist" if path else "no weights file given"
         raise UserError(f"Inception weights needed ({where}): download {WEIGHTS_URL} and pass it with "
                         f"--inception-weights PATH or the {WEIGHTS_ENV} environment variable")
