@@ -35,6 +35,8 @@ CASES = [
     ("train-negative-label", "train", [*T, "--data-path", "{store_neg}"], "holds labels -1..3", []),
     ("train-label-too-big", "train", [*T, "--data-path", "{store_big}"], "holds labels 0..9", []),
     ("train-reference-bad-label", "train", [*T, "--data-path", "{ref_bad_label}"], "imagenet256_labels/5.npy", []),
+    ("train-garbage-features-in-worker", "train", [*T, "--data-path", "{ref_bad_feature}", "--num-workers", "1",
+                                                   "--global-batch-size", "8"], "imagenet256_features/3.npy", []),
     ("train-reused-prefix", "train", [*T, "--data-path", "{store}", "--prefix", "run"], "already exists", ["runs"]),
     ("train-resume-other-depth", "train", [*T, "--data-path", "{store}", "--prefix", "d3", "--model", "DiT-Tiny-D3/2",
                                            "--resume", "{run_ckpt}"], "does not fit DiT-Tiny-D3/2", ["run"]),
@@ -144,6 +146,9 @@ def ws(tmp_path_factory):
     make_reference_store(tmp / "ref_bad_label")
     (tmp / "ref_bad_label" / "imagenet256_labels" / "5.npy").write_text("junk")
     w["ref_bad_label"] = str(tmp / "ref_bad_label")
+    make_reference_store(tmp / "ref_bad_feature")  # read in a DataLoader worker, which re-raises with its traceback
+    (tmp / "ref_bad_feature" / "imagenet256_features" / "3.npy").write_text("junk")
+    w["ref_bad_feature"] = str(tmp / "ref_bad_feature")
     w["weights"] = str(tmp / "w.pt")
     tiny_weights(MODEL, w["weights"], in_channels=3, input_size=8, num_classes=4)
     train.main(train_argv(w["store"], w["runs"], "--prefix", "run"))
