@@ -20,8 +20,9 @@ T = ["--model", MODEL, "--image-size", "8", "--num-classes", "4", "--vae", "none
 KD = ["--teacher", MODEL, "--layer-map", "0:0,1:1"]
 LEARN = ["--precision", "fp32"]
 PRUNE = ["--model", MODEL, "--image-size", "8", "--num-classes", "4", "--vae", "none"]
-SCORE = [*PRUNE, "--device", "cpu", "--ckpt", "{weights}", "--save-model", "{tmp}/p.pt", "--n-pruned", "1", "--calib-random",
-         "--calib-batches", "1", "--batch-size", "2"]
+SCORE_DATA = [*PRUNE, "--device", "cpu", "--ckpt", "{weights}", "--save-model", "{tmp}/p.pt", "--n-pruned", "1",
+              "--calib-batches", "1", "--batch-size", "2"]
+SCORE = [*SCORE_DATA, "--calib-random"]
 SAMPLE = ["--model", MODEL, "--image-size", "8", "--num-classes", "4", "--vae", "none", "--device", "cpu",
           "--num-sampling-steps", "2"]
 FID = [*SAMPLE, "--ckpt", "{weights}", "--per-proc-batch-size", "4", "--sample-dir", "{samples}"]
@@ -79,7 +80,7 @@ CASES = [
     ("score-no-ckpt", "prune_by_score", [*SCORE, "--ckpt", "{tmp}/nope.pt"], "{tmp}/nope.pt does not exist", []),
     ("score-n-pruned", "prune_by_score", [*SCORE, "--n-pruned", "5"], "--n-pruned 5 is not possible", []),
     ("score-save-under-file", "prune_by_score", [*SCORE, "--save-model", "{file}/p.pt"], "cannot be created", []),
-    ("score-calib-null-label", "prune_by_score", [*SCORE[:-5], "--data-path", "{store_null}"], "null class", []),
+    ("score-calib-null-label", "prune_by_score", [*SCORE_DATA, "--data-path", "{store_null}"], "null class", []),
     ("score-ckpt-text", "prune_by_score", [*SCORE, "--ckpt", "{text}", "--method", "magnitude"], "not a torch", []),
     # prune_by_index.py
     ("index-out-of-range", "prune_by_index", [*PRUNE, "--ckpt", "{weights}", "--kept-indices", "[0, 5]",

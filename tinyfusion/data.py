@@ -196,9 +196,9 @@ class ReferenceFeatureStore(BaseFeatureStore):
         path = os.path.join(self.features_dir, name)
         x = load_npy(path)
         if x.shape != (1 + self.has_flips,) + self.latent_shape:
+            expected = (1 + self.has_flips,) + self.latent_shape
             raise UserError(f"{path} has shape {x.shape}, but {self.files[0]} fixed the store's entries as "
-                            f"({1 + self.has_flips}, {', '.join(map(str, self.latent_shape))}): re-extract it or remove "
-                            f"it with its label file")
+                            f"{expected}: re-extract it or remove it with its label file")
         return x[flip], self._label(name)
 
     def _label(self, name):
