@@ -97,6 +97,17 @@ def test_numbered_run_folders_are_claimed_exclusively(tmp_path):
     assert outcomes.count(None) == 7 and outcomes.count(str(tmp_path / "race")) == 1
 
 
+def test_live_run_folder_cannot_be_resumed_twice(tmp_path):
+    import fcntl
+    from tinyfusion.trainer import claim_run_dir
+    (tmp_path / "run").mkdir()
+    with open(tmp_path / "run" / ".lock", "a+") as other:  # another process's run, still alive
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(UserError, match="is in use by another running process"):
+            claim_run_dir(str(tmp_path / "run"), resume="auto")
+    assert claim_run_dir(str(tmp_path / "run"), resume="auto") == str(tmp_path / "run")  # it ended: resume
+
+
 # 2. labels ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("labels, shown", [((0, 1, 2, 4), "labels 0..4"), ((-1, 0, 1, 2), "labels -1..2"),

@@ -355,13 +355,36 @@ def _claim(path, resume):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         os.mkdir(path)  # atomic: of two runs that race for one folder, exactly one gets it
     except FileExistsError:
-        if resume and os.path.isdir(path):
-            return path
-        raise UserError(f"run folder {path} already exists (an earlier or concurrent run): continue it with "
-                        f"--resume auto, or pick another --prefix") from None
+        if not (resume and os.path.isdir(path)):
+            raise UserError(f"run folder {path} already exists (an earlier or concurrent run): continue it with "
+                            f"--resume auto, or pick another --prefix") from None
     except OSError as e:
         raise UserError(f"cannot create run folder {path} ({e.strerror}): pick a writable --results-dir") from None
+    _hold_lock(path)
     return path
+
+
+_HELD_LOCKS = {}  # run folder -> open lock file, held until the process exits
+
+
+def _hold_lock(path):
+    """An advisory lock on <run>/.lock for the life of this process: a second live process (e.g. a requeued job
+    whose first copy still runs) cannot --resume into the same folder. The OS drops it when a process dies."""
+    try:
+        import fcntl
+    except ImportError:  # not on POSIX: the exclusive folder creation still separates new runs
+        return
+    key = os.path.realpath(path)
+    if key in _HELD_LOCKS:
+        return
+    f = open(os.path.join(path, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise UserError(f"run folder {path} is in use by another running process: wait for it to end (or stop it) "
+                        f"before resuming, or pick another --prefix") from None
+    _HELD_LOCKS[key] = f
 
 
 def claim_run_dir(path, resume=None):
@@ -376,9 +399,11 @@ def _claim_numbered(results_dir, model_name):
         path = os.path.join(results_dir, f"{index:03d}-{model_name.replace('/', '-')}")
         try:
             os.mkdir(path)
-            return path
         except FileExistsError:
             index += 1
+            continue
+        _hold_lock(path)
+        return path
 
 
 def experiment_dir(args, model_name):
