@@ -127,6 +127,20 @@ def test_labels_outside_num_classes_are_refused(tmp_path, labels, shown, recorde
     assert not (tmp_path / "out" / "run" / "checkpoints").exists()
 
 
+def test_reference_layout_labels_are_checked(tmp_path):
+    feats, labs = make_reference_store(tmp_path)
+    np.save(labs / "6.npy", np.array([4], np.int32))  # another dtype, and the null class of --num-classes 4
+    np.save(labs / "2.npy", np.int64(3))  # a 0-d array
+    store = open_feature_store(tmp_path)
+    expected = [np.load(labs / f).reshape(-1)[0] for f in store.files]
+    np.testing.assert_array_equal(store.labels(), expected)
+    with pytest.raises(UserError, match=rf"{tmp_path} holds labels 0..4, outside 0..3 .*null class"):
+        store.check_num_classes(4)
+    (labs / "7.npy").write_bytes((labs / "7.npy").read_bytes()[:-4])  # truncated
+    with pytest.raises(UserError, match=str(labs / "7.npy")):
+        open_feature_store(tmp_path).labels()
+
+
 def test_label_range_is_recorded(tmp_path):
     store = open_feature_store(make_store(tmp_path / "s", (3, 1, 2, 1)))
     assert store.manifest["label_range"] == [1, 3] and store.label_range() == (1, 3)
