@@ -349,12 +349,13 @@ def unreadable_images(paths):
     return bad
 
 
-def drop_unreadable_images(dataset, bad_images="stop", log=print):
+def drop_unreadable_images(dataset, bad_images="stop", log=print, scan=unreadable_images):
     """Check every file of an ImageFolder before any work: stop at the first unreadable one (naming it and how
-    many there are), or with bad_images='skip' drop them, one warning line each. Returns the dropped paths."""
+    many there are), or with bad_images='skip' drop them, one warning line each. Returns the dropped paths.
+    `scan` maps paths to [(path, reason)] (e.g. split over processes: ~0.1-0.4 ms per file on one core)."""
     if bad_images not in BAD_IMAGES:
         raise UserError(f"--bad-images {bad_images}: use stop or skip")
-    bad = unreadable_images([p for p, _ in dataset.samples])
+    bad = sorted(scan([p for p, _ in dataset.samples]))
     if bad and bad_images == "stop":
         raise UserError(f"{bad[0][0]} is not a readable image ({bad[0][1]}; {len(bad)} such file(s) in the folder): "
                         f"remove them, or pass --bad-images skip to leave them out")

@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import atomic_path
-from .data import FORMAT_VERSION, drop_unreadable_images, open_image_folder
+from .data import FORMAT_VERSION, drop_unreadable_images, open_image_folder, unreadable_images
 from .errors import UserError
 from .outputs import check_output_dir
 from .runtime import setup_runtime
@@ -93,6 +93,16 @@ def _check_settings(root, settings):
                         f"or rerun with the original flags")
 
 
+def _scan_split(paths, rt):
+    """unreadable_images over all ranks: each scans every world_size-th file, the results are gathered."""
+    bad = unreadable_images(paths[rt.rank::rt.world_size])
+    if rt.distributed:
+        parts = [None] * rt.world_size
+        torch.distributed.all_gather_object(parts, bad)
+        bad = [b for part in parts for b in part]
+    return bad
+
+
 def _encode_batch(vae, x, positions, global_seed, store):
     """(B, 2, C', h, w) entries for a batch: index 1 is the flipped image."""
     both = torch.cat([x, x.flip(-1)])
@@ -132,7 +142,7 @@ def extract_features(data_path, features_path, image_size=256, vae="ema", batch_
     if store == "moments" and not coder.stochastic:
         raise UserError("--store moments needs a VAE (pixels have no posterior): use --store latents with --vae none")
     dataset = open_image_folder(data_path, image_size, coder.downsample, random_flip=False, channels=channels)
-    skipped = drop_unreadable_images(dataset, bad_images, log=rt.print)
+    skipped = drop_unreadable_images(dataset, bad_images, log=rt.print, scan=lambda paths: _scan_split(paths, rt))
     if not dataset.samples:
         raise UserError(f"{data_path} holds no readable images")
     indices = select_indices(len(dataset), limit)
