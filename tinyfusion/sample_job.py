@@ -186,7 +186,7 @@ def sample_fid_batch(args, rt):
     num_chunks = math.ceil(total / bs)
     store = PartStore(folder)
     settings = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_CONTENT}
-    record = json.loads(json.dumps({**settings, "num_fid_samples": total}))  # as it reads back from the npz
+    record = json.loads(json.dumps({**settings, "num_fid_samples": total}))  # as it reads back from the record
     if finished_batch(out_path, record):
         rt.print(f"{out_path} is already finished ({total:,} samples with these settings): nothing to do")
         return out_path if rt.is_main else None
