@@ -21,7 +21,7 @@ from tinyfusion.mask_learning import MaskLearningObjective, plot_decisions, prep
 from tinyfusion.objectives import add_transport_args, make_objective
 from tinyfusion.pruning import pruned_summary, write_pruned
 from tinyfusion.runtime import seed_everything, setup_runtime
-from tinyfusion.trainer import Trainer, add_train_args
+from tinyfusion.trainer import Trainer, add_train_args, check_train_outputs, claim_run_dir
 
 
 def build_parser():
@@ -59,8 +59,7 @@ def resolve_model_and_groups(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.save_model and os.path.isdir(args.save_model):
-        raise UserError(f"--save-model {args.save_model} is a folder: give a file path ending in .pt or .safetensors")
+    check_train_outputs(args)
     base_name, groups = resolve_model_and_groups(args)
     rt = setup_runtime(args.device, tf32=args.tf32)
     seed_everything(args.global_seed)
@@ -74,7 +73,7 @@ def main(argv=None):
                                                      args.lora_alpha, args.lr, args.gate_lr_mult)
     objective = MaskLearningObjective(make_objective(family, shape, args), layer_mask, args.tau_range,
                                       args.scaling_range)
-    out_dir = os.path.join(args.results_dir, f"{args.prefix}-{base_name.replace('/', '-')}")
+    out_dir = claim_run_dir(os.path.join(args.results_dir, f"{args.prefix}-{base_name.replace('/', '-')}"), args.resume)
     trainer = Trainer(rt, model, objective, store, args, param_groups=param_groups, results_dir=out_dir)
     objective.ema_mask = trainer.ema.model.layer_mask
     total = sum(p.numel() for p in model.parameters() if not p.requires_grad)
@@ -89,6 +88,7 @@ def main(argv=None):
     if rt.is_main:
         figure = plot_decisions(objective.history, os.path.join(out_dir, "decisions.png"))
         if args.save_model:
+            trainer.check_progress()
             name, record = write_pruned(args.save_model, base_name, args.load_weight, original,
                                         model.block_lists, kept, method="learned", groups=groups,
                                         confidence=confidence, steps=trainer.step, delta_w=args.delta_w,

@@ -21,6 +21,7 @@ from tinyfusion.checkpoint import load_weights
 from tinyfusion.cli import add_image_args, latent_shape_for, model_kwargs
 from tinyfusion.errors import UserError, run_main
 from tinyfusion.objectives import add_transport_args, make_objective
+from tinyfusion.outputs import check_output_file
 from tinyfusion.pruning import (SCORE_METHODS, check_n_pruned, choose_removed, pruned_summary, score_blocks,
                                 write_pruned)
 from tinyfusion.runtime import setup_runtime
@@ -47,6 +48,7 @@ def calibration_batches(args, latent_shape, device):
 
 
 def main(args):
+    check_output_file(args.save_model, "--save-model")
     family = family_of(args.model)
     if family == "MAR" and args.method == "output-error":  # MAR's forward returns its loss, not an output
         raise UserError(f"--method output-error is for DiT/SiT; for {args.model} use bi, sensitivity, magnitude "

@@ -16,6 +16,7 @@ from tinyfusion.cli import add_image_args, create_model, latent_shape_for
 from tinyfusion.download import default_checkpoint, resolve
 from tinyfusion.errors import UserError, run_main
 from tinyfusion.objectives import add_transport_args
+from tinyfusion.outputs import check_output_file
 from tinyfusion.runtime import seed_everything, setup_runtime
 from tinyfusion.sampling import (add_sampler_args, check_cfg, denoiser_precision, load_decoder, make_sampler,
                                  prepare_denoiser)
@@ -40,6 +41,7 @@ def main(argv=None):
     add_transport_args(parser)
     args = parser.parse_args(argv)
     check_cfg(args.cfg_scale)
+    check_output_file(args.out, "--out")
     ckpt = resolve(args.ckpt or default_checkpoint(args.model, args.image_size, args.num_classes))  # fetched first
     if max(args.class_labels) >= args.num_classes or min(args.class_labels) < 0:
         raise UserError(f"--class-labels must lie in [0, {args.num_classes}) for --num-classes {args.num_classes}")

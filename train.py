@@ -15,7 +15,7 @@ from tinyfusion.cli import add_model_args, create_model, open_training_data
 from tinyfusion.errors import run_main
 from tinyfusion.objectives import add_transport_args, make_objective
 from tinyfusion.runtime import seed_everything, setup_runtime
-from tinyfusion.trainer import Trainer, add_train_args, experiment_dir
+from tinyfusion.trainer import Trainer, add_train_args, check_train_outputs, experiment_dir
 
 
 def main(argv=None):
@@ -28,6 +28,7 @@ def main(argv=None):
     parser.set_defaults(lr_schedule="cosine", lr_min=1e-4, results_dir="outputs")
     parser.add_argument("--save-model", type=str, default=None, help="also write the final EMA weights here")
     args = parser.parse_args(argv)
+    check_train_outputs(args)
 
     rt = setup_runtime(args.device, tf32=args.tf32)
     seed_everything(args.global_seed)  # same initial weights in every process and every run

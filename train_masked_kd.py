@@ -20,7 +20,7 @@ from tinyfusion.kd import MaskedKDObjective, layer_map_from_record, parse_layer_
 from tinyfusion.objectives import add_transport_args, make_objective
 from tinyfusion.pruning import read_record
 from tinyfusion.runtime import seed_everything, setup_runtime
-from tinyfusion.trainer import Trainer, add_train_args, experiment_dir
+from tinyfusion.trainer import Trainer, add_train_args, check_train_outputs, experiment_dir
 
 
 def build_parser():
@@ -46,6 +46,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    check_train_outputs(args)
     if not args.load_teacher:
         raise UserError("--load-teacher is required: the teacher's weights, e.g. DiT-XL-2-256x256.pt (fetched) or a path")
     family = family_of(args.model)

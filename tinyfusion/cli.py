@@ -72,10 +72,11 @@ def latent_shape_for(args, store=None, model_name=None):
         return (MAR_LATENT_CHANNELS, side, side)
     if args.image_size % 8:
         raise UserError(f"--image-size {args.image_size} is not a multiple of 8: use e.g. {args.image_size // 8 * 8 or 8}")
-    if store is not None and (getattr(store, "manifest", {}) or {}).get("vae") == "none":
+    store_vae = (getattr(store, "manifest", {}) or {}).get("vae") if store is not None else None
+    if store_vae == "none":
         return tuple(store.latent_shape)  # pixel-space store (e.g. the digits demo): no VAE in between
-    if store is None and getattr(args, "vae", None) == "none":
-        return (getattr(args, "channels", 3), args.image_size, args.image_size)
+    if store_vae is None and getattr(args, "vae", None) == "none":  # no store, or one that does not record
+        return (getattr(args, "channels", 3), args.image_size, args.image_size)  # its VAE (reference layout)
     return (4, args.image_size // 8, args.image_size // 8)
 
 

@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models.inception import BasicConv2d, InceptionA, InceptionB, InceptionC, InceptionD, InceptionE
 
+from tinyfusion.checkpoint import load_checkpoint
 from tinyfusion.download import RELEASES, resolve
 from tinyfusion.errors import UserError
 
@@ -158,14 +159,21 @@ def load_inception(path=None, device="cpu"):
     dict (torchvision names, e.g. `Mixed_5b.branch1x1.conv.weight`, `fc.weight`).
     """
     path = resolve(path or os.environ.get(WEIGHTS_ENV) or WEIGHTS_FILE)
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise UserError(f"Inception weights {path!r} do not exist: pass --inception-weights PATH (or {WEIGHTS_FILE}, "
                         f"fetched from {WEIGHTS_URL}) or set the {WEIGHTS_ENV} environment variable")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_checkpoint(path)  # one clear line for an empty, truncated or foreign file
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     model = FIDInception3()
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    if not isinstance(state, dict):
+        raise UserError(f"{path} holds a {type(state).__name__}, not a state dict: expected {WEIGHTS_FILE} from "
+                        f"{WEIGHTS_URL}")
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # right names, wrong shapes
+        raise UserError(f"{path} does not fit the FID Inception ({str(e).strip().splitlines()[-1].strip()[:160]}): "
+                        f"expected {WEIGHTS_FILE} from {WEIGHTS_URL}") from None
     # Files converted with old torch lack BN's `num_batches_tracked` counters, which are unused in eval.
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing or unexpected:
