@@ -21,7 +21,7 @@ from tinyfusion.trainer import Trainer, add_train_args, experiment_dir
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser)
-    add_train_args(parser, lr=2e-4, ema_decay=0.9999)
+    add_train_args(parser, lr=2e-4, ema_decay=0.9999, grad_clip=1.0, precision="fp16")  # the official recipe
     add_transport_args(parser)
     # TinyFusion's fine-tuning recipe (AdamW 2e-4, cosine to 1e-4); pass --lr 1e-4 --lr-schedule constant
     # for the official DiT/SiT pre-training recipe.

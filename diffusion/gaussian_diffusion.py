@@ -323,7 +323,7 @@ class GaussianDiffusion:
         """
         pairs = _mapped_blocks(model, teacher, layer_map)
         hooked = list({id(b): b for pair in pairs for b in pair}.values()) if layer_map is not None else []
-        hooks = [b.register_forward_hook(_store_feature) for b in hooked]
+        hooks = [b.register_forward_hook(store_feature) for b in hooked]
         try:
             terms, _, _ = self._kd_terms(model, teacher, x_start, t, model_kwargs, noise, kd_channels)
             losses = [masked_rep_loss(s.feature, t_.feature, mask_std, rep_mask) for s, t_ in pairs]
@@ -397,7 +397,8 @@ def _mapped_blocks(model, teacher, layer_map):
     return [(student_blocks[s], teacher_blocks[t]) for s, t in layer_map]
 
 
-def _store_feature(module, args, output):
+def store_feature(module, args, output):
+    """Forward hook of the official train_masked_kd.py: keep the block's output as `.feature`."""
     module.feature = output
 
 

@@ -15,15 +15,20 @@ def test_mask_zeroes_exactly_the_entries_beyond_two_std():
     teacher[0, 2, 5] = 40.0  # a massive activation
     teacher[2, 7, 1] = -35.0
     student = torch.randn(3, 16, 8)
-    ours = masked_rep_loss(student, teacher, 2.0).numpy()
+    student[1, 3, 3] = 30.0
     t, s = teacher.numpy().astype(np.float64), student.numpy().astype(np.float64)
-    expected = []
-    for b in range(3):
-        mu, sd = t[b].mean(), t[b].std(ddof=1)
-        keep = np.abs(t[b] - mu) <= 2 * sd
-        assert not keep[2, 5] if b == 0 else True
-        expected.append((((s[b] - t[b]) * keep) ** 2).mean())
-    np.testing.assert_allclose(ours, expected, rtol=1e-5)
+
+    def keep(h, b, strict):
+        dev, bound = np.abs(h[b] - h[b].mean()), 2 * h[b].std(ddof=1)
+        return dev < bound if strict else dev <= bound
+
+    # official (default): each state masked by its own statistics
+    both = [((keep(s, b, True) * s[b] - keep(t, b, True) * t[b]) ** 2).mean() for b in range(3)]
+    assert not keep(t, 0, True)[2, 5] and not keep(s, 1, True)[3, 3]
+    np.testing.assert_allclose(masked_rep_loss(student, teacher, 2.0).numpy(), both, rtol=1e-5)
+    # ours (--rep-mask teacher): the difference masked with the teacher's mask
+    ours = [(((s[b] - t[b]) * keep(t, b, False)) ** 2).mean() for b in range(3)]
+    np.testing.assert_allclose(masked_rep_loss(student, teacher, 2.0, "teacher").numpy(), ours, rtol=1e-5)
 
 
 def test_identical_student_and_teacher_give_zero_kd_terms():
@@ -34,13 +39,24 @@ def test_identical_student_and_teacher_give_zero_kd_terms():
     teacher = build_model("DiT-Tiny-D4/2", input_size=4, num_classes=4)
     teacher.load_state_dict(model.state_dict())
     model.train()
-    obj = MaskedKDObjective(DiffusionObjective((4, 4, 4)), model, teacher, [(i, i) for i in range(4)])
-    draws = obj.draw(5, torch.Generator().manual_seed(1))
+    draws = DiffusionObjective((4, 4, 4)).draw(5, torch.Generator().manual_seed(1))
+    draws["t"][0] = 0  # where the official vb_kd is the decoder NLL, not a KL
     x, y = torch.randn(5, 4, 4, 4), torch.randint(0, 4, (5,))
+    diff = DiffusionObjective((4, 4, 4)).loss(model, x, y, draws, 0)[0]
+    # ours (all output channels, teacher mask): every KD term vanishes, only 0.1 x L_Diff is left
+    obj = MaskedKDObjective(DiffusionObjective((4, 4, 4)), model, teacher, [(i, i) for i in range(4)],
+                            rep_mask="teacher", kd_channels="all")
     total, logs = obj.loss(model, x, y, draws, 0)
-    assert float(logs["kd"]) == 0.0 and float(logs["rep"]) == 0.0
-    assert float(logs["diff"]) > 0
-    torch.testing.assert_close(total, 0.1 * DiffusionObjective((4, 4, 4)).loss(model, x, y, draws, 0)[0])
+    assert float(logs["kd"]) == 0.0 and float(logs["rep"]) == 0.0 and float(logs["diff"]) > 0
+    torch.testing.assert_close(total, 0.1 * diff)
+    # official: the eps MSE and the KL vanish; at t = 0 vb_kd is the VB term of the ordinary loss
+    obj = MaskedKDObjective(DiffusionObjective((4, 4, 4)), model, teacher, [(i, i) for i in range(4)])
+    total, logs = obj.loss(model, x, y, draws, 0)
+    terms = obj.base.diffusion.training_losses(model, x, draws["t"], dict(y=y, force_drop_ids=draws["drop"]),
+                                               noise=draws["noise"])
+    kd = torch.where(draws["t"] == 0, terms["vb"], torch.zeros(()))
+    assert float(logs["rep"]) == 0.0
+    torch.testing.assert_close(total, 0.9 * kd + 0.1 * diff)
 
 
 def test_layer_maps_follow_the_reference_tables():
