@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from diffusion import create_diffusion
 from models.dit import DiT
 from tinyfusion.errors import UserError
+from tinyfusion.pruning import bi_importance_clean, choose_removed
 
 GOLDEN = load_file(Path(__file__).parent / "fixtures" / "official_kd.safetensors")
 TERMS = ("loss", "kd_loss", "gt", "mse", "vb", "vb_kd")
@@ -81,3 +82,14 @@ def test_a_layer_map_naming_a_missing_block_is_one_clear_error():
     student, teacher = official_model("student.", 2), official_model("teacher.", 4)
     with pytest.raises(UserError, match="pair 2:3 names a block the models lack"):
         create_diffusion("").training_losses_kd_rep(student, teacher, **inputs(), layer_map=[(0, 1), (2, 3)])
+
+
+def test_bi_scores_and_removed_blocks_match_the_official_code():
+    teacher, n = official_model("teacher.", 4), int(GOLDEN["bi.batch_size"])
+    x, t, y = GOLDEN["bi.x"], GOLDEN["bi.t"], GOLDEN["bi.y"]
+    batches = [(x[i:i + n], t[i:i + n], y[i:i + n]) for i in range(0, len(x), n)]
+    importance = bi_importance_clean(teacher.train(), batches)
+    similarity = 1.0 - torch.tensor(importance, dtype=torch.float64)
+    torch.testing.assert_close(similarity, GOLDEN["bi.scores"].double(), rtol=1e-5, atol=0)
+    assert choose_removed(importance, 2) == GOLDEN["bi.removed_n2"].tolist()
+    assert teacher.training  # scored in eval mode, then restored
