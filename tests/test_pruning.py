@@ -237,6 +237,7 @@ def test_prune_by_score_reads_a_feature_store(tmp_path, source_ckpt):
     _check_output(out, source_ckpt[1], [i for i in range(4) if i not in choose_removed(record["importance"], 2)],
                   "output-error")
 
+
 def test_bi_on_clean_latents_removes_a_planted_identity_block(tmp_path, source_ckpt):
     """The official BI calibration (the DiT default) on a feature store: a block whose residual branches are
     zero maps its input to itself (cosine similarity 1), so it is the first removed."""
