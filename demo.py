@@ -109,7 +109,7 @@ class Demo:
                         b["batch"], "--lr", "1e-3", "--precision", "fp32", "--num-workers", "0", "--log-every", "10",
                         "--global-seed", seed, "--results-dir", d, "--prefix", "search", "--resume", "auto"]),
             "bi": ("prune_by_score.py", ["--method", "bi", "--n-pruned", "6", "--ckpt", self.args.teacher,
-                   "--data-path", self.data, "--calib-batches", "4", "--batch-size", "64", "--seed", seed]),
+                   "--data-path", self.data, "--seed", seed]),
             "oracle": ("prune_by_index.py", ["--ckpt", self.args.teacher, "--kept-indices", str(ORACLE_KEPT)]),
             "random": ("prune_by_score.py", ["--method", "random", "--n-pruned", "6", "--ckpt", self.args.teacher,
                        "--seed", seed, "--data-path", self.data]),

@@ -21,7 +21,7 @@ KD = ["--teacher", MODEL, "--layer-map", "0:0,1:1"]
 LEARN = ["--precision", "fp32"]
 PRUNE = ["--model", MODEL, "--image-size", "8", "--num-classes", "4", "--vae", "none"]
 SCORE_DATA = [*PRUNE, "--device", "cpu", "--ckpt", "{weights}", "--save-model", "{tmp}/p.pt", "--n-pruned", "1",
-              "--calib-batches", "1", "--batch-size", "2"]
+              "--nsamples", "2", "--batch-size", "2"]
 SCORE = [*SCORE_DATA, "--calib-random"]
 SAMPLE = ["--model", MODEL, "--image-size", "8", "--num-classes", "4", "--vae", "none", "--device", "cpu",
           "--num-sampling-steps", "2"]

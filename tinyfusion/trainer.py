@@ -32,7 +32,7 @@ from .logging import RunLogger
 from .outputs import check_output_dir, check_output_file
 
 
-def add_train_args(parser, lr=1e-4, ema_decay=0.9999, grad_clip=0.0):
+def add_train_args(parser, lr=1e-4, ema_decay=0.9999, grad_clip=0.0, precision="fp32"):
     """Flags shared by every training script (defaults per script via the arguments)."""
     g = parser.add_argument_group("training loop")
     g.add_argument("--results-dir", type=str, default="results")
@@ -47,7 +47,8 @@ def add_train_args(parser, lr=1e-4, ema_decay=0.9999, grad_clip=0.0):
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--grad-clip", type=float, default=grad_clip, help="max global grad norm; 0 disables")
     g.add_argument("--ema-decay", type=float, default=ema_decay)
-    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=precision,
+                   help="autocast dtype; fp16 adds a grad scaler and runs in fp32 on CPU")
     g.add_argument("--global-seed", type=int, default=0)
     g.add_argument("--num-workers", type=int, default=4)
     g.add_argument("--log-every", type=int, default=100)
@@ -148,8 +149,10 @@ class Trainer:
         fused = getattr(args, "fused_adamw", None)
         self.fused = runtime.device.type == "cuda" if fused is None else fused
         self.opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay, fused=self.fused)
-        self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=args.precision == "fp16")
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
+        # fp16 autocast is not usable on CPU: there the fp16 default (the official recipe) trains in fp32.
+        self.precision = "fp32" if args.precision == "fp16" and runtime.device.type != "cuda" else args.precision
+        self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=self.precision == "fp16")
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         self.step = 0
         self.skipped = torch.zeros((), dtype=torch.long, device=runtime.device)  # read only when logged/saved
         self.nonfinite_run = torch.zeros((), dtype=torch.long, device=runtime.device)  # consecutive, likewise
@@ -158,6 +161,8 @@ class Trainer:
         self.logger = logger or RunLogger(self.results_dir, runtime.is_main)
         if runtime.is_main:
             remove_stale_temporaries(self.ckpt_dir)  # left by a write that was killed
+        if self.precision != args.precision:
+            self.logger.info(f"--precision fp16 needs CUDA: training in fp32 on {runtime.device.type}")
         net = DDP(self.model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None,
                   find_unused_parameters=ddp_find_unused) if runtime.distributed else self.model
         self.net = torch.compile(net) if args.compile else net
