@@ -10,6 +10,16 @@ block mask is one-hot @ options. A masked block computes m*block(x) + (1-m)*x, w
 for m in {0, 1}, so a fixed mask reproduces the pruned model's output (and, without gradients,
 blocks masked out for the whole batch are not even run).
 
+Split forward (`LayerMask.split_forward`, on by default; ours): the official code runs every block
+forward and backward for every sample. With a hard mask, nothing flows back into block(x) for the
+samples with m = 0 (d out / d block(x) = m = 0 exactly), and the straight-through gate gradient only
+needs the value block(x) - x there. So each block runs with autograd on the samples that keep it and
+under no_grad on the ones that drop it; the output, the loss and every gradient (weights, LoRA, gates,
+input, conditioning) are the same, while the backward pass and the saved activations of a 1:2 search
+shrink by about half. A block's tensor arguments whose leading dimension is the batch (DiT's c) are
+taken to be per-sample and split with x; with dropout inside the blocks (MAR) the random draws fall
+differently across the two halves, so results are then equal in distribution, not bit for bit.
+
 `attach_layer_mask` keeps every parameter name (blocks are re-classed, not wrapped), so LoRA,
 EMA (deepcopy) and DDP work unchanged; the mask itself lives at `model.layer_mask`.
 """
@@ -111,12 +121,14 @@ class LayerMask(nn.Module):
         self.register_buffer("layout", torch.tensor(layout), persistent=False)
         self.register_buffer("fixed", None, persistent=False)
         self.current = None   # the (B, depth) masks of the forward pass in progress
+        self.split_forward = True  # False: the official formulation, every block runs for every sample
+        self._rows_of, self._rows = None, {}  # per-block (kept, dropped) sample indices of `current`
         self._pinned = None   # set by the `masks` context
         self.generator = None  # optional torch.Generator for the Gumbel noise drawn in forward passes
 
     def __getstate__(self):
         # deepcopy (EMA copies) must not carry the in-flight masks: they are non-leaf graph tensors.
-        return {**super().__getstate__(), "current": None, "generator": None}
+        return {**super().__getstate__(), "current": None, "generator": None, "_rows_of": None, "_rows": {}}
 
     @property
     def depth(self):
@@ -232,6 +244,15 @@ class LayerMask(nn.Module):
         m = self.current[:, index].to(x.dtype)
         return m.view(-1, *([1] * (x.dim() - 1)))
 
+    def rows(self, index):
+        """(kept, dropped): index tensors of the samples that keep / drop global block `index` in this pass."""
+        if self._rows_of is not self.current:  # one host copy of the masks per pass (one sync on a GPU)
+            self._rows_of, self._rows = self.current, {"keep": self.current.detach().to("cpu") != 0}
+        if index not in self._rows:
+            keep, device = self._rows["keep"][:, index], self.current.device
+            self._rows[index] = tuple(torch.nonzero(k).flatten().to(device) for k in (keep, ~keep))
+        return self._rows[index]
+
 
 # Methods that start a pass through the blocks: each one draws fresh masks. MAR routes every pass
 # (training, KD features, each sampling step) through `forward_pass`; DiT/SiT through `forward`.
@@ -250,18 +271,48 @@ def _fresh_masks(method):
     return start_pass
 
 
+def _samples(value, rows, batch):
+    """`value` restricted to the samples `rows` if it is a per-sample tensor (leading dimension = batch)."""
+    return value.index_select(0, rows) if torch.is_tensor(value) and value.dim() and value.shape[0] == batch \
+        else value
+
+
 class _MaskedBlock:
     """Mixin placed in front of a block's class: out = m*block(x) + (1-m)*x with the per-sample mask m."""
 
     def forward(self, x, *args, **kwargs):
         layer_mask, index = self._layer_mask_slot
         m = layer_mask.block_mask(index, x)
+        if layer_mask.split_forward:
+            return self._split_forward(layer_mask.rows(index), m, x, args, kwargs)
         if not m.requires_grad:  # pinned / eval / no_grad: skipping is exact because the block is residual
             if not bool((m != 0).any()):
                 return x
             if bool((m == 1).all()):
                 return super().forward(x, *args, **kwargs)
         return m * super().forward(x, *args, **kwargs) + (1 - m) * x
+
+    def _split_forward(self, rows, m, x, args, kwargs):
+        """The same output and gradients, with autograd only on the samples that keep the block."""
+        (kept, dropped), batch = rows, x.shape[0]
+        gate_grad = m.requires_grad and torch.is_grad_enabled()
+
+        def run(rows):
+            return super(_MaskedBlock, self).forward(x.index_select(0, rows), *[_samples(a, rows, batch) for a in args],
+                                                     **{k: _samples(v, rows, batch) for k, v in kwargs.items()})
+
+        if not dropped.numel():  # every sample keeps the block
+            out = super().forward(x, *args, **kwargs)
+            return m * out + (1 - m) * x if gate_grad else out
+        if not gate_grad:  # the dropped samples' output is x itself: they need not run at all
+            return x.index_copy(0, kept, run(kept)) if kept.numel() else x
+        # kept may be empty: the block then runs on no sample, which still gives its trainable weights
+        # the exact zero gradient the official code gives them (not None: AdamW and DDP see the same).
+        f_kept = run(kept)
+        with torch.no_grad():  # the gate gradient needs block(x) - x of the dropped samples, as a value only
+            f_dropped = run(dropped)
+        f = f_kept.new_empty((batch, *f_kept.shape[1:])).index_copy_(0, dropped, f_dropped.to(f_kept.dtype))
+        return m * f.index_copy(0, kept, f_kept) + (1 - m) * x
 
 
 _CLASS_CACHE = {}
