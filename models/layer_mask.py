@@ -277,6 +277,31 @@ def _samples(value, rows, batch):
         else value
 
 
+class _SplitMix(torch.autograd.Function):
+    """out = m*f + (1-m)*x where the block output f was computed in two parts: `f_kept` (with autograd) on the
+    samples `kept` and `f_dropped` (a value) on `dropped`. The backward pass computes exactly what autograd
+    computes for that formula over the whole batch, but keeps less: f equals out on the kept samples and x
+    equals out on the dropped ones (m is exactly 1 or 0), so beyond `f_dropped` it keeps only `out` (the next
+    block's input) and `x_kept` (the input of the block's kept part, which the block keeps anyway)."""
+
+    @staticmethod
+    def forward(ctx, m, f_kept, f_dropped, x, x_kept, kept, dropped):
+        f = f_kept.new_empty((x.shape[0], *f_kept.shape[1:]))
+        f.index_copy_(0, kept, f_kept).index_copy_(0, dropped, f_dropped.to(f.dtype))
+        out = m * f + (1 - m) * x
+        ctx.save_for_backward(m, out, f_dropped, x_kept, kept, dropped)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        m, out, f_dropped, x_kept, kept, dropped = ctx.saved_tensors
+        f = out.index_copy(0, dropped, f_dropped.to(out.dtype))
+        x = out.index_copy(0, kept, x_kept.to(out.dtype))
+        # the reductions autograd makes for m*f and (1-m)*x, in the same order: the same rounding
+        grad_m = (grad * f).sum_to_size(m.shape) - (grad * x).sum_to_size(m.shape)
+        return grad_m, (grad * m).index_select(0, kept), None, grad * (1 - m), None, None, None
+
+
 class _MaskedBlock:
     """Mixin placed in front of a block's class: out = m*block(x) + (1-m)*x with the per-sample mask m."""
 
@@ -298,21 +323,21 @@ class _MaskedBlock:
         gate_grad = m.requires_grad and torch.is_grad_enabled()
 
         def run(rows):
-            return super(_MaskedBlock, self).forward(x.index_select(0, rows), *[_samples(a, rows, batch) for a in args],
-                                                     **{k: _samples(v, rows, batch) for k, v in kwargs.items()})
+            x_rows = x.index_select(0, rows)
+            return x_rows, super(_MaskedBlock, self).forward(
+                x_rows, *[_samples(a, rows, batch) for a in args], **{k: _samples(v, rows, batch) for k, v in kwargs.items()})
 
         if not dropped.numel():  # every sample keeps the block
             out = super().forward(x, *args, **kwargs)
             return m * out + (1 - m) * x if gate_grad else out
         if not gate_grad:  # the dropped samples' output is x itself: they need not run at all
-            return x.index_copy(0, kept, run(kept)) if kept.numel() else x
+            return x.index_copy(0, kept, run(kept)[1]) if kept.numel() else x
         # kept may be empty: the block then runs on no sample, which still gives its trainable weights
         # the exact zero gradient the official code gives them (not None: AdamW and DDP see the same).
-        f_kept = run(kept)
+        x_kept, f_kept = run(kept)
         with torch.no_grad():  # the gate gradient needs block(x) - x of the dropped samples, as a value only
-            f_dropped = run(dropped)
-        f = f_kept.new_empty((batch, *f_kept.shape[1:])).index_copy_(0, dropped, f_dropped.to(f_kept.dtype))
-        return m * f.index_copy(0, kept, f_kept) + (1 - m) * x
+            f_dropped = run(dropped)[1]
+        return _SplitMix.apply(m, f_kept, f_dropped, x, x_kept, kept, dropped)
 
 
 _CLASS_CACHE = {}
