@@ -302,6 +302,20 @@ class _SplitMix(torch.autograd.Function):
         return grad_m, (grad * m).index_select(0, kept), None, grad * (1 - m), None, None, None
 
 
+class _ZeroGrads(torch.autograd.Function):
+    """Identity on `out` that gives `params` an exact zero gradient: what the official formulation gives the
+    weights of a block that no sample keeps (not None: AdamW still steps them, and DDP waits for them)."""
+
+    @staticmethod
+    def forward(ctx, out, *params):
+        ctx.specs = [(p.shape, p.dtype, p.device) for p in params]
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad, *[torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.specs])
+
+
 class _MaskedBlock:
     """Mixin placed in front of a block's class: out = m*block(x) + (1-m)*x with the per-sample mask m."""
 
@@ -332,8 +346,10 @@ class _MaskedBlock:
             return m * out + (1 - m) * x if gate_grad else out
         if not gate_grad:  # the dropped samples' output is x itself: they need not run at all
             return x.index_copy(0, kept, run(kept)[1]) if kept.numel() else x
-        # kept may be empty: the block then runs on no sample, which still gives its trainable weights
-        # the exact zero gradient the official code gives them (not None: AdamW and DDP see the same).
+        if not kept.numel():  # no sample keeps the block: its output is needed as a value only
+            with torch.no_grad():
+                f = super().forward(x, *args, **kwargs)
+            return _ZeroGrads.apply(m * f + (1 - m) * x, *[p for p in self.parameters() if p.requires_grad])
         x_kept, f_kept = run(kept)
         with torch.no_grad():  # the gate gradient needs block(x) - x of the dropped samples, as a value only
             f_dropped = run(dropped)[1]
