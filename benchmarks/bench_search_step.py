@@ -26,7 +26,7 @@ import torch
 from benchmarks import bench_training
 from benchmarks.bench_memory import step_saved_bytes
 from benchmarks.common import (PeakMemory, add_common_args, fmt_bytes, fmt_ratio, hardware, latent_shape,
-                               markdown_table, ratio, release_memory, resolve, time_interleaved)
+                               markdown_table, ratio, release_memory, resolve, set_tf32, time_interleaved)
 from tinyfusion.logging import RunLogger
 from tinyfusion.runtime import Runtime
 from tinyfusion.trainer import Trainer
@@ -92,6 +92,7 @@ def measure(model_name, update, args, device, workdir):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     device = resolve(args, PRESETS["cpu"], PRESETS["cuda"], PRESETS["smoke"])
+    set_tf32(device, True)  # the training scripts' default (--tf32)
     with tempfile.TemporaryDirectory() as workdir:
         rows = [measure(m, u, args, device, workdir) for m in args.models for u in args.updates]
     print(f"\n## Search step, split forward vs official: {args.image_size} px, batch {args.batch_size}, 1:2 groups, "
