@@ -53,7 +53,8 @@ def build_parser():
 
 def make_trainer(model_name, update, split, args, device, workdir):
     """A Trainer of prune_by_learning's search step; the same weights for every call (seed 0)."""
-    settings = argparse.Namespace(**{**vars(args), "model": model_name, "compile": False, "fused": device.type == "cuda"})
+    fused = device.type == "cuda"  # the training scripts' default: fused AdamW on CUDA only
+    settings = argparse.Namespace(**{**vars(args), "model": model_name, "compile": False, "fused": fused})
     model, objective, groups = bench_training.setup(UPDATES[update], settings, device)
     objective.mask.split_forward = split
     trainer = Trainer(Runtime(device=device), model, objective, range(args.batch_size),

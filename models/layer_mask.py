@@ -338,8 +338,9 @@ class _MaskedBlock:
 
         def run(rows):
             x_rows = x.index_select(0, rows)
-            return x_rows, super(_MaskedBlock, self).forward(
-                x_rows, *[_samples(a, rows, batch) for a in args], **{k: _samples(v, rows, batch) for k, v in kwargs.items()})
+            rows_args = [_samples(a, rows, batch) for a in args]
+            rows_kwargs = {k: _samples(v, rows, batch) for k, v in kwargs.items()}
+            return x_rows, super(_MaskedBlock, self).forward(x_rows, *rows_args, **rows_kwargs)
 
         if not dropped.numel():  # every sample keeps the block
             out = super().forward(x, *args, **kwargs)
