@@ -43,6 +43,9 @@ def build_parser():
     g.add_argument("--scaling-range", nargs=2, type=float, default=[100.0, 100.0])
     g.add_argument("--gate-lr-mult", type=float, default=10.0)
     g.add_argument("--save-model", type=str, default=None, help="where to write the pruned plain state dict")
+    g.add_argument("--no-split-forward", dest="split_forward", action="store_false",
+                   help="run every block forward and backward for every sample, as the official code does "
+                        "(default: autograd only on the samples that keep a block; same losses and gradients)")
     return parser
 
 
@@ -73,6 +76,7 @@ def main(argv=None):
         {k: v.clone() for k, v in model.state_dict().items()}
     layer_mask, param_groups = prepare_mask_learning(model, groups, args.delta_w, args.lora, args.lora_rank,
                                                      args.lora_alpha, args.lr, args.gate_lr_mult, args.lora_scope)
+    layer_mask.split_forward = args.split_forward
     objective = MaskLearningObjective(make_objective(family, shape, args), layer_mask, args.tau_range,
                                       args.scaling_range)
     out_dir = claim_run_dir(os.path.join(args.results_dir, f"{args.prefix}-{base_name.replace('/', '-')}"), args.resume)

@@ -13,7 +13,9 @@ decide it, for the real `Trainer` objects of each bench_training configuration:
              (per-image activations + a batch-independent part), so the batch-B value is extrapolated.
 estimate(B) = static + saved(B). Not counted: transient buffers of single ops, the backward pass's
 gradient temporaries, the allocator's rounding and fragmentation (usually 10-20% on CUDA), and with
-gradient checkpointing the one block that is recomputed at a time. On a GPU the peak itself is
+gradient checkpointing the one block that is recomputed at a time. Mask rows use the official
+formulation (every block runs for every sample): an upper bound, as split forward keeps about 0.55x of
+the activations of a 1:2 search (bench_search_step.py). On a GPU the peak itself is
 what counts: run bench_training.py with --batch-size 32.
 """
 import argparse
@@ -105,6 +107,8 @@ def measure(config, precision, checkpointing, args, device):
     settings = argparse.Namespace(**{**vars(args), "precision": precision, "grad_checkpointing": checkpointing,
                                      "compile": False, "fused": True, "batch_size": 1})  # the trainer's own step: batch 1
     model, objective, groups = bench_training.setup(config, settings, device)
+    if hasattr(objective, "mask"):  # the official formulation: with split forward the saved bytes depend on how
+        objective.mask.split_forward = False  # the random masks fall, not linearly on the batch (bench_search_step)
     trainer = Trainer(Runtime(device=device), model, objective, range(2), bench_training.trainer_args(settings, "."),
                       param_groups=groups, logger=RunLogger(None, is_main=False))
     if hasattr(objective, "ema_mask"):

@@ -10,6 +10,16 @@ block mask is one-hot @ options. A masked block computes m*block(x) + (1-m)*x, w
 for m in {0, 1}, so a fixed mask reproduces the pruned model's output (and, without gradients,
 blocks masked out for the whole batch are not even run).
 
+Split forward (`LayerMask.split_forward`, on by default; ours): the official code runs every block
+forward and backward for every sample. With a hard mask, nothing flows back into block(x) for the
+samples with m = 0 (d out / d block(x) = m = 0 exactly), and the straight-through gate gradient only
+needs the value block(x) - x there. So each block runs with autograd on the samples that keep it and
+under no_grad on the ones that drop it; the output, the loss and every gradient (weights, LoRA, gates,
+input, conditioning) are the same, while the backward pass and the saved activations of a 1:2 search
+shrink by about half. A block's tensor arguments whose leading dimension is the batch (DiT's c) are
+taken to be per-sample and split with x; with dropout inside the blocks (MAR) the random draws fall
+differently across the two halves, so results are then equal in distribution, not bit for bit.
+
 `attach_layer_mask` keeps every parameter name (blocks are re-classed, not wrapped), so LoRA,
 EMA (deepcopy) and DDP work unchanged; the mask itself lives at `model.layer_mask`.
 """
@@ -131,12 +141,14 @@ class LayerMask(nn.Module):
         self.register_buffer("layout", torch.tensor(layout), persistent=False)
         self.register_buffer("fixed", None, persistent=False)
         self.current = None   # the (B, depth) masks of the forward pass in progress
+        self.split_forward = True  # False: the official formulation, every block runs for every sample
+        self._rows_of, self._rows = None, {}  # per-block (kept, dropped) sample indices of `current`
         self._pinned = None   # set by the `masks` context
         self.generator = None  # optional torch.Generator for the Gumbel noise drawn in forward passes
 
     def __getstate__(self):
         # deepcopy (EMA copies) must not carry the in-flight masks: they are non-leaf graph tensors.
-        return {**super().__getstate__(), "current": None, "generator": None}
+        return {**super().__getstate__(), "current": None, "generator": None, "_rows_of": None, "_rows": {}}
 
     @property
     def depth(self):
@@ -252,6 +264,15 @@ class LayerMask(nn.Module):
         m = self.current[:, index].to(x.dtype)
         return m.view(-1, *([1] * (x.dim() - 1)))
 
+    def rows(self, index):
+        """(kept, dropped): index tensors of the samples that keep / drop global block `index` in this pass."""
+        if self._rows_of is not self.current:  # one host copy of the masks per pass (one sync on a GPU)
+            self._rows_of, self._rows = self.current, {"keep": self.current.detach().to("cpu") != 0}
+        if index not in self._rows:
+            keep, device = self._rows["keep"][:, index], self.current.device
+            self._rows[index] = tuple(torch.nonzero(k).flatten().to(device) for k in (keep, ~keep))
+        return self._rows[index]
+
 
 # Methods that start a pass through the blocks: each one draws fresh masks. MAR routes every pass
 # (training, KD features, each sampling step) through `forward_pass`; DiT/SiT through `forward`.
@@ -270,18 +291,90 @@ def _fresh_masks(method):
     return start_pass
 
 
+def _samples(value, rows, batch):
+    """`value` restricted to the samples `rows` if it is a per-sample tensor (leading dimension = batch)."""
+    return value.index_select(0, rows) if torch.is_tensor(value) and value.dim() and value.shape[0] == batch \
+        else value
+
+
+class _SplitMix(torch.autograd.Function):
+    """out = m*f + (1-m)*x where the block output f was computed in two parts: `f_kept` (with autograd) on the
+    samples `kept` and `f_dropped` (a value) on `dropped`. The backward pass computes exactly what autograd
+    computes for that formula over the whole batch, but keeps less: f equals out on the kept samples and x
+    equals out on the dropped ones (m is exactly 1 or 0), so beyond `f_dropped` it keeps only `out` (the next
+    block's input) and `x_kept` (the input of the block's kept part, which the block keeps anyway)."""
+
+    @staticmethod
+    def forward(ctx, m, f_kept, f_dropped, x, x_kept, kept, dropped):
+        f = f_kept.new_empty((x.shape[0], *f_kept.shape[1:]))
+        f.index_copy_(0, kept, f_kept).index_copy_(0, dropped, f_dropped.to(f.dtype))
+        out = m * f + (1 - m) * x
+        ctx.save_for_backward(m, out, f_dropped, x_kept, kept, dropped)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        m, out, f_dropped, x_kept, kept, dropped = ctx.saved_tensors
+        f = out.index_copy(0, dropped, f_dropped.to(out.dtype))
+        x = out.index_copy(0, kept, x_kept.to(out.dtype))
+        # the reductions autograd makes for m*f and (1-m)*x, in the same order: the same rounding
+        grad_m = (grad * f).sum_to_size(m.shape) - (grad * x).sum_to_size(m.shape)
+        return grad_m, (grad * m).index_select(0, kept), None, grad * (1 - m), None, None, None
+
+
+class _ZeroGrads(torch.autograd.Function):
+    """Identity on `out` that gives `params` an exact zero gradient: what the official formulation gives the
+    weights of a block that no sample keeps (not None: AdamW still steps them, and DDP waits for them)."""
+
+    @staticmethod
+    def forward(ctx, out, *params):
+        ctx.specs = [(p.shape, p.dtype, p.device) for p in params]
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad, *[torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.specs])
+
+
 class _MaskedBlock:
     """Mixin placed in front of a block's class: out = m*block(x) + (1-m)*x with the per-sample mask m."""
 
     def forward(self, x, *args, **kwargs):
         layer_mask, index = self._layer_mask_slot
         m = layer_mask.block_mask(index, x)
+        if layer_mask.split_forward:
+            return self._split_forward(layer_mask.rows(index), m, x, args, kwargs)
         if not m.requires_grad:  # pinned / eval / no_grad: skipping is exact because the block is residual
             if not bool((m != 0).any()):
                 return x
             if bool((m == 1).all()):
                 return super().forward(x, *args, **kwargs)
         return m * super().forward(x, *args, **kwargs) + (1 - m) * x
+
+    def _split_forward(self, rows, m, x, args, kwargs):
+        """The same output and gradients, with autograd only on the samples that keep the block."""
+        (kept, dropped), batch = rows, x.shape[0]
+        gate_grad = m.requires_grad and torch.is_grad_enabled()
+
+        def run(rows):
+            x_rows = x.index_select(0, rows)
+            rows_args = [_samples(a, rows, batch) for a in args]
+            rows_kwargs = {k: _samples(v, rows, batch) for k, v in kwargs.items()}
+            return x_rows, super(_MaskedBlock, self).forward(x_rows, *rows_args, **rows_kwargs)
+
+        if not dropped.numel():  # every sample keeps the block
+            out = super().forward(x, *args, **kwargs)
+            return m * out + (1 - m) * x if gate_grad else out
+        if not gate_grad:  # the dropped samples' output is x itself: they need not run at all
+            return x.index_copy(0, kept, run(kept)[1]) if kept.numel() else x
+        if not kept.numel():  # no sample keeps the block: its output is needed as a value only
+            with torch.no_grad():
+                f = super().forward(x, *args, **kwargs)
+            return _ZeroGrads.apply(m * f + (1 - m) * x, *[p for p in self.parameters() if p.requires_grad])
+        x_kept, f_kept = run(kept)
+        with torch.no_grad():  # the gate gradient needs block(x) - x of the dropped samples, as a value only
+            f_dropped = run(dropped)[1]
+        return _SplitMix.apply(m, f_kept, f_dropped, x, x_kept, kept, dropped)
 
 
 _CLASS_CACHE = {}

@@ -162,3 +162,17 @@ def test_script_runs_standalone(tmp_path):
                           "--root", str(tmp_path)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "| sharded (manifest + shards) |" in out.stdout and "x reference" in out.stdout
+
+
+def test_search_step_table(capsys):
+    from benchmarks import bench_search_step
+    rows = bench_search_step.main(SMOKE)
+    printed = table_rows(capsys.readouterr().out)
+    assert [(c[0], c[1]) for c in printed] == [("DiT-S/2", "full"), ("DiT-S/2", "lora")]
+    for r, cells in zip(rows, printed):
+        assert cells[4] == f"{r['seconds_split'] / r['seconds_official']:.2f}x"
+        assert cells[7] == f"{r['saved_split'] / r['saved_official']:.2f}x"
+        # the same masks and draws: the two formulations give the same loss (up to float rounding) ...
+        assert r["loss_rel_diff"] < 1e-5
+        # ... while the split one keeps activations only for the samples that keep each block (1:2: ~half)
+        assert 0.3 < r["saved_ratio"] < 0.8
