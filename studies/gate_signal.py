@@ -66,6 +66,29 @@ def gate_signal(pattern, batches=8, batch_size=256, seed=0):
     return out
 
 
+@torch.no_grad()
+def loss_along_mask(block, others, values, batches=4, batch_size=256, seed=0):
+    """Calibration loss of the teacher with blocks `others` kept, the rest dropped, and block `block` scaled
+    by m in `values` (m * block(x) + (1 - m) * x, the search's own masking): is the loss linear in m?"""
+    model = load_digits_teacher()
+    layer_mask, _ = prepare_mask_learning(model, [(model.depth, model.depth)], delta_w=False)
+    objective = DiffusionObjective((1, 8, 8), class_dropout_prob=0.0)
+    x_all, y_all, _, _ = load_split()
+    g = torch.Generator().manual_seed(seed)
+    data = []
+    for _ in range(batches):
+        idx = torch.randperm(len(x_all), generator=g)[:batch_size].numpy()
+        data.append((torch.from_numpy(x_all[idx]), torch.from_numpy(y_all[idx]), objective.draw(batch_size, g)))
+    out = []
+    for v in values:
+        m = torch.zeros(model.depth)
+        m[list(others)] = 1.0
+        m[block] = v
+        with layer_mask.masks(m):
+            out.append(float(sum(objective.loss(model, x, y, d, 0)[0].mean() for x, y, d in data) / batches))
+    return out
+
+
 def table(pattern, groups):
     lines = [f"### {pattern}: first-step gate signal (frozen teacher, tau 4, scaling 100)", "",
              "| group | option (kept) | straight-through grad of its logit | samples | mean loss of those samples |",
@@ -89,11 +112,22 @@ def main(argv=None):
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     result = {p: gate_signal(p, args.batches, args.batch_size) for p in args.patterns}
+    values = [round(0.125 * i, 3) for i in range(11)]  # 0 .. 1.25
+    paths = {f"block 0 with {others}": loss_along_mask(0, others, values) for others in ([7, 11], [4, 10], [2, 7])}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"settings": vars(args), "patterns": result}, f, indent=1)
+        json.dump({"settings": vars(args), "patterns": result, "mask_values": values, "loss_along_mask": paths},
+                  f, indent=1)
     for p, groups in result.items():
         print("\n".join(table(p, groups)) + "\n")
+    print("\n".join(path_table(values, paths)))
+
+
+def path_table(values, paths):
+    lines = ["### Calibration loss as block 0's mask m goes from 0 (dropped) to 1.25", "",
+             "| kept blocks | " + " | ".join(f"m={v:g}" for v in values) + " |", "|---|" + "---|" * len(values)]
+    lines += [f"| {name} | " + " | ".join(f"{v:.3f}" for v in losses) + " |" for name, losses in paths.items()]
+    return lines
 
 
 if __name__ == "__main__":

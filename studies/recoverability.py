@@ -241,17 +241,25 @@ def part_enumerate(study, rows):
     run_subnets(study, rows, [(k, "1:2", 0) for k in subnets][i::n], "1:2 calibration loss")
     run_subnets(study, rows, [(k, "1:2", main_budget) for k in subnets][i::n], f"1:2 x {main_budget} steps")
     if more:
-        run_subnets(study, rows, [(k, "1:2", 0) for k in subnets], "1:2 calibration loss (rest)")
-        rows.reload()
-        by_calib = sorted(subnets, key=lambda k: rows.find(kept=k, pattern="1:2", budget=0)["calib_loss"])
-        subset = by_calib[::max(1, len(by_calib) // args.subset)][:args.subset]
-        run_subnets(study, rows, [(k, "1:2", b) for b in more for k in subset][i::n], f"1:2 subset x {more} steps")
+        part_further(study, rows, subnets, i, n)
     for pattern in args.patterns[1:]:
         others = all_subnets(pattern)
         others = [others[j] for j in rng.permutation(len(others))][:args.limit]
         run_subnets(study, rows, [(k, pattern, 0) for k in others][i::n], f"{pattern} calibration loss")
         run_subnets(study, rows, [(k, pattern, main_budget) for k in others][i::n],
                     f"{pattern} x {main_budget} steps")
+
+
+def part_further(study, rows, subnets=None, i=0, n=1, reverse=False):
+    """The further budgets on a subset of the 1:2 subnets spread evenly over the calibration-loss ranking."""
+    args = study.args
+    subnets = subnets or all_subnets("1:2")
+    run_subnets(study, rows, [(k, "1:2", 0) for k in subnets], "1:2 calibration loss (rest)")
+    rows.reload()
+    by_calib = sorted(subnets, key=lambda k: rows.find(kept=k, pattern="1:2", budget=0)["calib_loss"])
+    subset = by_calib[::max(1, len(by_calib) // args.subset)][:args.subset]
+    jobs = [(k, "1:2", b) for b in args.budgets[1:] for k in subset][i::n]
+    run_subnets(study, rows, jobs[::-1] if reverse else jobs, f"1:2 subset x {args.budgets[1:]} steps")
 
 
 # ----------------------------------------------------------------------------- methods
@@ -262,19 +270,33 @@ def search(study, name, seed):
     folder = os.path.join(study.work, "searches", name.replace(" ", "_").replace(":", "-"), f"seed{seed}")
     path = os.path.join(folder, "pruned.pt")
     start = time.time()
-    with quiet(os.path.join(folder, "search.log")):
-        prune_by_learning.main([
-            "--model", "DiT-Tiny/2", *COMMON, "--groups", pattern, "--load-weight", TEACHER, "--data-path",
+    argv = ["--model", "DiT-Tiny/2", *COMMON, "--groups", pattern, "--load-weight", TEACHER, "--data-path",
             study.data, *UPDATES[update], "--max-steps", str(steps), "--global-batch-size", "64", "--lr", str(lr),
             "--precision", "fp32", "--num-workers", "0", "--log-every", "10", "--global-seed", str(seed),
             "--results-dir", folder, "--prefix", "search", "--save-model", path, "--device", "cpu",
-            "--ckpt-every", "10", *extra])
+            "--ckpt-every", "10", "--resume", "auto", *extra]
+    ckpt_dir = os.path.join(folder, "search-DiT-Tiny-2", "checkpoints")
+    if os.path.isdir(ckpt_dir) and not same_run(ckpt_dir, argv):
+        shutil.rmtree(folder)  # a killed search with other settings: start it afresh
+    with quiet(os.path.join(folder, "search.log")):
+        prune_by_learning.main(argv)  # continues a killed search from its last checkpoint (every 10 steps)
     with open(os.path.splitext(path)[0] + ".json") as f:
         record = json.load(f)
-    return {"gate_logits": gate_logits(os.path.join(folder, "search-DiT-Tiny-2", "checkpoints")), **{"kind": "search", "name": name, "seed": seed, "pattern": pattern, "update": update, "lr": lr,
+    return {"gate_logits": gate_logits(ckpt_dir), **{"kind": "search", "name": name, "seed": seed, "pattern": pattern, "update": update, "lr": lr,
             "steps": steps, "extra": extra, "kept": record["kept"], "confidence": record["confidence"],
             "history": record["history"], "figure": record["decision_figure"],
             "seconds": round(time.time() - start, 1)}}
+
+
+def same_run(ckpt_dir, argv):
+    """Whether the checkpoints in `ckpt_dir` were made by prune_by_learning.py with these arguments."""
+    names = sorted(os.listdir(ckpt_dir))
+    if not names:
+        return True
+    saved = torch.load(os.path.join(ckpt_dir, names[-1]), map_location="cpu", weights_only=False)["args"]
+    wanted = vars(prune_by_learning.build_parser().parse_args(argv))
+    norm = lambda v: json.loads(json.dumps(v))  # noqa: E731  (tuples vs lists)
+    return all(norm(saved[k]) == norm(v) for k, v in wanted.items() if k in saved and k != "resume")
 
 
 def gate_logits(ckpt_dir):
@@ -323,6 +345,16 @@ def extra_jobs(args, methods):
     return jobs
 
 
+def part_teacher(study, rows):
+    """The unpruned teacher under the same held-out loss and sample budget: the scale of every FID here."""
+    key = dict(kept=list(range(DEPTH)), pattern="teacher", budget=0)
+    if rows.find(study.args.finetune_settings, **key) is None:
+        start = time.time()
+        model = create_model("DiT-Tiny/2", (1, 8, 8), 10, TEACHER)
+        row = {**key, "calib_loss": study.fixed_loss(model, *study.calib), **study.quality(model)}
+        rows.add({**row, "seconds": round(time.time() - start, 1)}, study.args.finetune_settings)
+
+
 def part_methods(study, methods, rows):
     args = study.args
     for method in tqdm(args.scores, desc="score baselines", disable=args.quiet):
@@ -332,7 +364,9 @@ def part_methods(study, methods, rows):
     todo = [(n, s) for n in names for s in SEARCHES[n][4]
             if methods.find({"search": SEARCHES[n]}, kind="search", name=n, seed=s) is None]
     for name, seed in tqdm(todo, desc="searches", disable=args.quiet):
-        methods.add(search(study, name, seed), {"search": SEARCHES[name]})
+        methods.reload()  # another process may have run it meanwhile (--searches splits the work)
+        if methods.find({"search": SEARCHES[name]}, kind="search", name=name, seed=seed) is None:
+            methods.add(search(study, name, seed), {"search": SEARCHES[name]})
     run_subnets(study, rows, extra_jobs(args, methods), "picks outside 1:2")
 
 
@@ -355,7 +389,7 @@ def settings_of(args):
 
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=["enumerate", "methods", "report", "all"], default="all")
+    parser.add_argument("--part", choices=["enumerate", "calibration", "further", "methods", "teacher", "report", "all"], default="all")
     parser.add_argument("--results", default=os.path.join(ROOT, "studies", "results"),
                         help="folder of the result rows (JSONL) and the report")
     parser.add_argument("--figures", default=os.path.join(ROOT, "studies", "figures"))
@@ -402,6 +436,14 @@ def main(argv=None):
         part_enumerate(Study(args), rows)
     if args.part in ("methods", "all"):
         part_methods(Study(args), methods, rows)
+    if args.part == "calibration":  # only the budget-0 rows (calibration and held-out loss) of --patterns
+        study = Study(args)
+        for pattern in args.patterns:
+            run_subnets(study, rows, [(k, pattern, 0) for k in all_subnets(pattern)], f"{pattern} calibration loss")
+    if args.part == "further":  # only the further budgets (a separate process, from the end of the list)
+        part_further(Study(args), rows, reverse=True)
+    if args.part in ("teacher", "all"):
+        part_teacher(Study(args), rows)
     if args.part in ("report", "all"):
         from studies.report import write_report
         rows.reload()

@@ -19,12 +19,13 @@ QUALITY = (("FID", "recovered FID", True), ("heldout_loss", "recovered held-out 
 def population(rows, pattern, budget):
     """{tuple(kept): row} of the enumerated subnets of `pattern` at `budget`."""
     from studies.recoverability import fits
-    return {tuple(r["kept"]): r for r in rows if r["pattern"] == pattern and r["budget"] == budget
+    return {tuple(r["kept"]): r for r in rows if r["pattern"] == pattern and r["pattern"] != "teacher" and r["budget"] == budget
             and fits(r["kept"], pattern)}
 
 
 def find_row(rows, kept, budget):
-    return next((r for r in rows if r["kept"] == list(kept) and r["budget"] == budget), None)
+    return next((r for r in rows if r["kept"] == list(kept) and r["budget"] == budget and r["pattern"] != "teacher"),
+                None)
 
 
 def correlations(x, y, n_boot=2000):
@@ -108,12 +109,33 @@ def write_report(args, rows, methods):
             summary[f"corr_{key}"] = c
             report.append(f"| {label} | {c['spearman']:.2f} ({c['spearman_ci'][0]:.2f}, {c['spearman_ci'][1]:.2f}) | "
                           f"{c['kendall']:.2f} ({c['kendall_ci'][0]:.2f}, {c['kendall_ci'][1]:.2f}) |")
-            ax.scatter(calib, y, s=14, c="tab:blue", alpha=0.7)
+            keeps0 = np.array([0 in k for k in keys])
+            ax.scatter(calib[keeps0], y[keeps0], s=14, c="tab:blue", alpha=0.7, label="keeps block 0")
+            ax.scatter(calib[~keeps0], y[~keeps0], s=14, c="tab:red", alpha=0.7, label="drops block 0")
+            if key == "FID":
+                ax.set_yscale("log")
             ax.set_xlabel("calibration loss right after pruning")
             ax.set_ylabel(label)
             ax.set_title(f"Spearman {c['spearman']:.2f} [{c['spearman_ci'][0]:.2f}, {c['spearman_ci'][1]:.2f}]\n"
                          f"Kendall {c['kendall']:.2f} [{c['kendall_ci'][0]:.2f}, {c['kendall_ci'][1]:.2f}]",
                          fontsize=9)
+        keep0 = [k for k in keys if 0 in k]
+        if len(keep0) >= 4:
+            report += ["", f"Only the {len(keep0)} subnets that keep block 0 (the split on block 0 dominates the "
+                           f"correlations above):", "", "| recovered metric | Spearman (95 % CI) | Kendall tau-b (95 % CI) |",
+                       "|---|---|---|"]
+            for key, label, lower in QUALITY:
+                c = correlations([pop[k]["calib_loss"] for k in keep0], [pop[k][key] for k in keep0])
+                summary[f"corr_{key}_keep0"] = c
+                report.append(f"| {label} | {c['spearman']:.2f} ({c['spearman_ci'][0]:.2f}, {c['spearman_ci'][1]:.2f}) | "
+                              f"{c['kendall']:.2f} ({c['kendall_ci'][0]:.2f}, {c['kendall_ci'][1]:.2f}) |")
+        teacher = next((r for r in rows if r["pattern"] == "teacher"), None)
+        if teacher:
+            report += ["", f"Unpruned teacher under the same evaluation: held-out loss {teacher['heldout_loss']:.4f}, "
+                           f"FID {teacher['FID']:.2f}, class accuracy {teacher['class_acc']:.3f}."]
+            for ax, (key, _, _) in zip(axes, QUALITY):
+                ax.axhline(teacher[key], color="k", lw=0.8, ls="--")
+        axes[0].legend(fontsize=7)
         fig.suptitle(f"1:2 subnets of the digits teacher: calibration loss vs quality after {budget} masked-KD steps",
                      fontsize=10)
         fig.tight_layout()
@@ -147,11 +169,14 @@ def write_report(args, rows, methods):
                     continue
                 m, col = markers[len(seen) % len(markers)], plt.cm.tab20(len(seen) % 20)
                 seen[group] = (m, col)
-                ax.scatter([rank], [e[key]], marker=m, color=col, s=50, zorder=3,
-                           label=f"{group}: {e[key + '_pct']:.0f} pct")
+                pcts = " / ".join(f"{e[k + '_pct']:.0f}" for k, _, _ in QUALITY[:2] if k + "_pct" in e)
+                ax.scatter([rank], [e[key]], marker=m, color=col, s=50, zorder=3, label=f"{group}: {pcts} pct")
             ax.set_xlabel("rank among the enumerated 1:2 subnets (1 = best)")
             ax.set_ylabel(label)
-        axes[1].legend(fontsize=6.5, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+            if key == "FID":
+                ax.set_yscale("log")
+        axes[1].legend(fontsize=6.5, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                       title="percentile: FID / held-out loss", title_fontsize=7)
         fig.suptitle(f"Recovered quality of every 1:2 subnet after {budget} masked-KD steps, with each method's pick",
                      fontsize=10)
         fig.tight_layout()
@@ -177,7 +202,7 @@ def budgets_section(args, rows, plt, summary):
     """Does the ranking change as fine-tuning grows? Rank correlations between budgets on shared subnets."""
     budgets = [0] + list(args.budgets)
     pops = {b: population(rows, "1:2", b) for b in budgets}
-    shared = sorted(set.intersection(*[set(p) for p in pops.values() if p]) if any(pops.values()) else [])
+    shared = sorted(set.intersection(*[set(p) for p in pops.values()]))
     if len(budgets) < 3 or len(shared) < 4:
         return [f"## Ranking vs fine-tuning budget", "",
                 f"Not enough subnets at every budget {budgets} yet ({len(shared)} shared): not reported.", ""]
@@ -314,12 +339,14 @@ def gate_signal_section(args):
     path = os.path.join(args.results, "gate_signal.json")
     if not os.path.isfile(path):
         return ["## First-step gate signal", "", "`studies/gate_signal.py` not run.", ""]
-    from studies.gate_signal import table
+    from studies.gate_signal import path_table, table
     with open(path) as f:
         data = json.load(f)
     lines = ["## First-step gate signal (`studies/gate_signal.py`)", ""]
     for pattern, groups in data["patterns"].items():
         lines += table(pattern, groups) + [""]
+    if "loss_along_mask" in data:
+        lines += path_table(data["mask_values"], data["loss_along_mask"]) + [""]
     return lines
 
 
