@@ -90,6 +90,10 @@ def write_report(args, rows, methods):
     import matplotlib.pyplot as plt
     os.makedirs(args.figures, exist_ok=True)
     budget = args.budgets[0]
+    unique = {}
+    for r in methods:  # two processes may have run the same search: keep the first row
+        unique.setdefault((r["kind"], r["name"], r.get("seed")), r)
+    methods = list(unique.values())
     calib0 = population(rows, "1:2", 0)
     pop = population(rows, "1:2", budget)
     report = ["# Recoverability study: results", "",
