@@ -107,9 +107,9 @@ class Demo:
             "learned": ("prune_by_learning.py", ["--groups", "1:2", "--load-weight", self.args.teacher, "--data-path",
                         self.data, "--delta-w", "--lora", "--max-steps", b["prune_steps"], "--global-batch-size",
                         b["batch"], "--lr", "1e-3", "--precision", "fp32", "--num-workers", "0", "--log-every", "10",
-                        "--global-seed", seed, "--results-dir", d, "--prefix", "search"]),
+                        "--global-seed", seed, "--results-dir", d, "--prefix", "search", "--resume", "auto"]),
             "bi": ("prune_by_score.py", ["--method", "bi", "--n-pruned", "6", "--ckpt", self.args.teacher,
-                   "--data-path", self.data, "--calib-batches", "4", "--batch-size", "64", "--seed", seed]),
+                   "--data-path", self.data, "--seed", seed]),
             "oracle": ("prune_by_index.py", ["--ckpt", self.args.teacher, "--kept-indices", str(ORACLE_KEPT)]),
             "random": ("prune_by_score.py", ["--method", "random", "--n-pruned", "6", "--ckpt", self.args.teacher,
                        "--seed", seed, "--data-path", self.data]),
@@ -135,6 +135,7 @@ class Demo:
                 "--max-steps", b["finetune_steps"], "--global-batch-size", b["batch"], "--lr", "1e-3",
                 "--lr-min", "1e-4", "--ema-decay", "0.99", "--num-workers", "0", "--log-every", "25",
                 "--ckpt-every", b["finetune_steps"], "--global-seed", seed, "--results-dir", d, "--prefix", method,
+                "--resume", "auto",
                 "--save-model", final], b["finetune_steps"], f"masked KD {method} (seed {seed})")
         return final
 

@@ -28,12 +28,13 @@ def main(args):
         extract_features(args.data_path, args.features_path, image_size=args.image_size, vae=args.vae,
                          batch_size=batch_size, num_workers=args.num_workers, global_seed=args.global_seed,
                          dtype=args.dtype, store=args.store, shard_size=args.shard_size, limit=args.limit,
-                         channels=args.channels, runtime=rt, channels_last=args.channels_last)
+                         channels=args.channels, runtime=rt, channels_last=args.channels_last,
+                         bad_images=args.bad_images)
     finally:
         rt.shutdown()
 
 
-if __name__ == "__main__":
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--data-path", type=str, required=True, help="ImageFolder root (one subfolder per class)")
     parser.add_argument("--features-path", "--feature-path", type=str, required=True, help="output store folder")
@@ -53,4 +54,11 @@ if __name__ == "__main__":
     parser.add_argument("--channels", type=int, choices=[1, 3], default=3, help="1 = grayscale (with --vae none)")
     parser.add_argument("--channels-last", action="store_true", help="encode with NHWC convolutions (often faster on GPUs)")
     parser.add_argument("--device", type=str, default=None, help="cuda | cpu (default: cuda when available)")
-    run_main(main, parser.parse_args())
+    parser.add_argument("--bad-images", choices=["stop", "skip"], default="stop",
+                        help="a file in the folder that is not a readable image: stop before any work, naming it, "
+                             "or skip it (one warning line each; the list is recorded in the store)")
+    return parser
+
+
+if __name__ == "__main__":
+    run_main(lambda: main(build_parser().parse_args()))

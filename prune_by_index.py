@@ -15,10 +15,12 @@ from models import build_model
 from tinyfusion.checkpoint import check_state_dict, read_weights
 from tinyfusion.cli import add_image_args, latent_shape_for, model_kwargs
 from tinyfusion.errors import UserError, run_main
+from tinyfusion.outputs import check_output_file
 from tinyfusion.pruning import ORACLE_KEPT, parse_kept_indices, pruned_summary, write_pruned
 
 
 def main(args):
+    check_output_file(args.save_model, "--save-model")
     kwargs = model_kwargs(args.model, latent_shape_for(args), args.num_classes)
     with torch.device("meta"):
         model = build_model(args.model, **kwargs)

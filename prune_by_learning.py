@@ -21,7 +21,7 @@ from tinyfusion.mask_learning import MaskLearningObjective, plot_decisions, prep
 from tinyfusion.objectives import add_transport_args, make_objective
 from tinyfusion.pruning import pruned_summary, write_pruned
 from tinyfusion.runtime import seed_everything, setup_runtime
-from tinyfusion.trainer import Trainer, add_train_args
+from tinyfusion.trainer import Trainer, add_train_args, check_train_outputs, claim_run_dir
 
 
 def build_parser():
@@ -35,6 +35,8 @@ def build_parser():
     g.add_argument("--groups", type=str, default=None, help="N:M groups, e.g. '[[1,2]]*14' as a list, or '1:2'")
     g.add_argument("--delta-w", action="store_true", help="update weights during the search (LoRA or full)")
     g.add_argument("--lora", action="store_true", help="the weight update is LoRA (else full weights)")
+    g.add_argument("--lora-scope", choices=["all", "blocks"], default="all",
+                   help="LoRA on every Linear (official) or only on those inside the prunable blocks")
     g.add_argument("--lora-rank", type=int, default=8)
     g.add_argument("--lora-alpha", type=float, default=None, help="default 2 x rank, as the reference")
     g.add_argument("--tau-range", nargs=2, type=float, default=[4.0, 0.1])
@@ -59,8 +61,7 @@ def resolve_model_and_groups(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.save_model and os.path.isdir(args.save_model):
-        raise UserError(f"--save-model {args.save_model} is a folder: give a file path ending in .pt or .safetensors")
+    check_train_outputs(args)
     base_name, groups = resolve_model_and_groups(args)
     rt = setup_runtime(args.device, tf32=args.tf32)
     seed_everything(args.global_seed)
@@ -71,16 +72,17 @@ def main(argv=None):
     original = read_weights(args.load_weight) if args.load_weight else \
         {k: v.clone() for k, v in model.state_dict().items()}
     layer_mask, param_groups = prepare_mask_learning(model, groups, args.delta_w, args.lora, args.lora_rank,
-                                                     args.lora_alpha, args.lr, args.gate_lr_mult)
+                                                     args.lora_alpha, args.lr, args.gate_lr_mult, args.lora_scope)
     objective = MaskLearningObjective(make_objective(family, shape, args), layer_mask, args.tau_range,
                                       args.scaling_range)
-    out_dir = os.path.join(args.results_dir, f"{args.prefix}-{base_name.replace('/', '-')}")
+    out_dir = claim_run_dir(os.path.join(args.results_dir, f"{args.prefix}-{base_name.replace('/', '-')}"), args.resume)
     trainer = Trainer(rt, model, objective, store, args, param_groups=param_groups, results_dir=out_dir)
     objective.ema_mask = trainer.ema.model.layer_mask
     total = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     trainable = sum(p.numel() for g in param_groups for p in g["params"])
     trainer.logger.info(f"{base_name} groups {groups}: {trainable:,} trainable parameters "
-                        f"({100 * trainable / (total + trainable):.2f}%), delta-w {args.delta_w}, lora {args.lora}")
+                        f"({100 * trainable / (total + trainable):.2f}%), delta-w {args.delta_w}, "
+                        f"lora {args.lora and args.lora_scope}")
     trainer.fit()
 
     ema_mask = trainer.ema.model.layer_mask
@@ -89,11 +91,12 @@ def main(argv=None):
     if rt.is_main:
         figure = plot_decisions(objective.history, os.path.join(out_dir, "decisions.png"))
         if args.save_model:
+            trainer.check_progress()
             name, record = write_pruned(args.save_model, base_name, args.load_weight, original,
                                         model.block_lists, kept, method="learned", groups=groups,
                                         confidence=confidence, steps=trainer.step, delta_w=args.delta_w,
-                                        lora=args.lora, lora_rank=args.lora_rank, decision_figure=figure,
-                                        history=objective.history)
+                                        lora=args.lora, lora_scope=args.lora_scope, lora_rank=args.lora_rank,
+                                        decision_figure=figure, history=objective.history)
             trainer.logger.info(pruned_summary(name, record, args.save_model))
     rt.shutdown()
 

@@ -8,9 +8,12 @@ Methods (higher importance = keep; the last block is never removed):
   sensitivity    calibration-loss increase when the block alone is skipped (same t and noise for all)
   output-error   MSE of the model output when the block alone is skipped (DiT/SiT only)
   magnitude      mean |weight| of the block;  random: seeded random scores
-Calibration uses --calib-batches x --batch-size real latents (a seeded random subset of the feature
-store at --data-path, default data/imagenet_encoded as in the README) with random t, the same t and
-noise for every candidate; --calib-random uses Gaussian latents instead (smoke tests only).
+Calibration uses --nsamples real latents (a seeded random subset of the feature store at --data-path,
+default data/imagenet_encoded as in the README) in batches of --batch-size; --calib-random uses Gaussian
+latents instead (smoke tests only). BI on a DiT by default calibrates as the official prune_by_score.py:
+clean latents with random horizontal flips, t drawn from [0, 250) and passed as is, the real labels
+(--calibration clean). --calibration noised (ours; the only one for SiT/MAR and the other methods) runs
+the training loss's forward: noised latents, t over all steps, the same t and noise for every candidate.
 """
 import argparse
 
@@ -21,15 +24,17 @@ from tinyfusion.checkpoint import load_weights
 from tinyfusion.cli import add_image_args, latent_shape_for, model_kwargs
 from tinyfusion.errors import UserError, run_main
 from tinyfusion.objectives import add_transport_args, make_objective
-from tinyfusion.pruning import (SCORE_METHODS, check_n_pruned, choose_removed, pruned_summary, score_blocks,
-                                write_pruned)
+from tinyfusion.outputs import check_output_file
+from tinyfusion.pruning import (SCORE_METHODS, bi_importance_clean, check_n_pruned, choose_removed, pruned_summary,
+                                score_blocks, write_pruned)
 from tinyfusion.runtime import setup_runtime
 
 
-def calibration_batches(args, latent_shape, device):
-    """A list of (x, y) batches on `device`: a seeded random subset of the feature store, or noise."""
+def calibration_batches(args, latent_shape, device, clean=False):
+    """A list of (x, y) batches on `device` (clean: (x, t, y), hflipped at random, t ~ randint(0, 250)):
+    a seeded random subset of the feature store, or noise."""
     g = torch.Generator().manual_seed(args.seed)
-    n = args.calib_batches * args.batch_size
+    n = args.nsamples
     if args.calib_random:
         xs, ys = torch.randn((n, *latent_shape), generator=g), torch.randint(0, args.num_classes, (n,), generator=g)
     else:
@@ -38,21 +43,31 @@ def calibration_batches(args, latent_shape, device):
         store.check_latent_shape(latent_shape, args.model)
         store.check_num_classes(args.num_classes)
         if len(store) < n:
-            raise UserError(f"feature store {args.data_path} has {len(store)} latents, fewer than "
-                            f"--calib-batches x --batch-size = {n}: lower them")
-        items = [store[int(i)] for i in torch.randperm(len(store), generator=g)[:n]]
+            raise UserError(f"feature store {args.data_path} has {len(store)} latents, fewer than --nsamples {n}: "
+                            f"lower it")
+        index = torch.randperm(len(store), generator=g)[:n]
+        flips = torch.randint(0, 2, (n,), generator=g) if clean and store.has_flips else torch.zeros(n, dtype=torch.long)
+        items = [store[(int(i), int(f))] for i, f in zip(index, flips)]
         xs, ys = torch.stack([x for x, _ in items]), torch.stack([y for _, y in items])
-    return [(xs[i:i + args.batch_size].to(device), ys[i:i + args.batch_size].to(device))
-            for i in range(0, n, args.batch_size)]
+    batches = [(xs[i:i + args.batch_size].to(device), ys[i:i + args.batch_size].to(device))
+               for i in range(0, n, args.batch_size)]
+    if clean:  # the official 250-step respacing's indices, passed raw
+        batches = [(x, torch.randint(0, 250, (len(x),), generator=g).to(device), y) for x, y in batches]
+    return batches
 
 
 def main(args):
+    check_output_file(args.save_model, "--save-model")
     family = family_of(args.model)
     if family == "MAR" and args.method == "output-error":  # MAR's forward returns its loss, not an output
         raise UserError(f"--method output-error is for DiT/SiT; for {args.model} use bi, sensitivity, magnitude "
                         f"or random")
-    if args.calib_batches < 1 or args.batch_size < 1:
-        raise UserError("--calib-batches and --batch-size must be at least 1")
+    if args.nsamples < 1 or args.batch_size < 1:
+        raise UserError("--nsamples and --batch-size must be at least 1")
+    clean = args.method == "bi" and (args.calibration or ("clean" if family == "DiT" else "noised")) == "clean"
+    if clean and family != "DiT":
+        raise UserError(f"--calibration clean is the official DiT calibration (raw DDPM steps); for {args.model} "
+                        f"use --calibration noised")
     latent_shape = latent_shape_for(args)
     kwargs = model_kwargs(args.model, latent_shape, args.num_classes)
     with torch.device("meta"):
@@ -61,18 +76,21 @@ def main(args):
     check_n_pruned(args.n_pruned, depth)  # every check before the expensive work
     rt = setup_runtime(args.device)
     needs_data = args.method in ("bi", "sensitivity", "output-error")
-    batches = calibration_batches(args, latent_shape, rt.device) if needs_data else []
+    batches = calibration_batches(args, latent_shape, rt.device, clean) if needs_data else []
 
     torch.manual_seed(args.seed)
     model = load_weights(build_model(args.model, **kwargs), args.ckpt, args.model).to(rt.device).eval()
     objective = make_objective(family, latent_shape, args, class_dropout_prob=0.0)
-    importance = score_blocks(model, args.method, batches, objective, seed=args.seed)
+    if clean:
+        importance = bi_importance_clean(model, batches)
+    else:
+        importance = score_blocks(model, args.method, batches, objective, seed=args.seed)
     removed = choose_removed(importance, args.n_pruned)
     kept = [i for i in range(depth) if i not in removed]
     state_dict = {k: v.cpu() for k, v in model.state_dict().items()}  # the weights just loaded, unchanged
     calibration = None if not needs_data else {
-        "data": "gaussian" if args.calib_random else args.data_path, "batches": args.calib_batches,
-        "batch_size": args.batch_size}
+        "data": "gaussian" if args.calib_random else args.data_path, "nsamples": args.nsamples,
+        "batch_size": args.batch_size, "inputs": "clean" if clean else "noised"}
     name, record = write_pruned(args.save_model, args.model, args.ckpt, state_dict, model.block_lists, kept,
                                 method=args.method, model_kwargs=kwargs, importance=importance,
                                 seed=args.seed, calibration=calibration)
@@ -90,8 +108,10 @@ def build_parser():
     parser.add_argument("--data-path", type=str, default="data/imagenet_encoded",
                         help="feature store (extract_features.py) with the calibration latents")
     parser.add_argument("--calib-random", action="store_true", help="Gaussian latents instead of --data-path")
-    parser.add_argument("--calib-batches", type=int, default=8)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--nsamples", type=int, default=128, help="calibration latents")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--calibration", choices=["clean", "noised"], default=None,
+                        help="BI inputs: clean latents, raw t in [0, 250) (official; DiT default) or noised (ours)")
     parser.add_argument("--seed", type=int, default=0)
     add_image_args(parser)
     parser.add_argument("--device", type=str, default=None, help="cuda or cpu (default: cuda when available)")

@@ -1,6 +1,7 @@
 """Sample a grid of class-conditional images from a DiT, SiT or MAR checkpoint.
 
     python sample.py --model DiT-D14/2 --ckpt pretrained/TinyDiT-D14-MaskedKD-500K.pt --seed 5464
+    python sample.py --image-size 512      # DiT-XL/2: fetches DiT-XL-2-512x512.pt, as the official script
     python sample.py ODE --model SiT-XL/2 --ckpt SiT-XL-2-256x256.pt --cfg-scale 4.0
 
 Random numbers are drawn in the official scripts' order, so the same seed gives the official samples.
@@ -12,8 +13,10 @@ from torchvision.utils import save_image
 
 from models import family_of
 from tinyfusion.cli import add_image_args, create_model, latent_shape_for
+from tinyfusion.download import default_checkpoint, resolve
 from tinyfusion.errors import UserError, run_main
 from tinyfusion.objectives import add_transport_args
+from tinyfusion.outputs import check_output_file
 from tinyfusion.runtime import seed_everything, setup_runtime
 from tinyfusion.sampling import (add_sampler_args, check_cfg, denoiser_precision, load_decoder, make_sampler,
                                  prepare_denoiser)
@@ -25,7 +28,8 @@ CLASS_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=str, default="DiT-XL/2")
-    parser.add_argument("--ckpt", type=str, default=None, help="official, training, pruned or .safetensors weights")
+    parser.add_argument("--ckpt", type=str, default=None, help="official, training, pruned or .safetensors weights, "
+                        "or a release name (default for DiT-XL/2, SiT-XL/2: the official release, fetched)")
     add_image_args(parser, vae="mse")
     parser.add_argument("--cfg-scale", type=float, default=4.0)
     parser.add_argument("--seed", type=int, default=0)
@@ -37,9 +41,8 @@ def main(argv=None):
     add_transport_args(parser)
     args = parser.parse_args(argv)
     check_cfg(args.cfg_scale)
-    if not args.ckpt:
-        raise UserError("--ckpt is required (this code never downloads weights): e.g. download "
-                        "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt and pass --ckpt <file>")
+    check_output_file(args.out, "--out")
+    ckpt = resolve(args.ckpt or default_checkpoint(args.model, args.image_size, args.num_classes))  # fetched first
     if max(args.class_labels) >= args.num_classes or min(args.class_labels) < 0:
         raise UserError(f"--class-labels must lie in [0, {args.num_classes}) for --num-classes {args.num_classes}")
 
@@ -47,7 +50,7 @@ def main(argv=None):
     seed_everything(args.seed)  # before the model, as the official scripts do (its init draws numbers)
     family = family_of(args.model)
     shape = latent_shape_for(args)
-    model = prepare_denoiser(create_model(args.model, shape, args.num_classes, args.ckpt).to(rt.device).eval(), args)
+    model = prepare_denoiser(create_model(args.model, shape, args.num_classes, ckpt).to(rt.device).eval(), args)
     sampler = make_sampler(family, args)
     decode = load_decoder(family, args.vae, rt.device, args.channels_last)
     y = torch.tensor(args.class_labels, device=rt.device)

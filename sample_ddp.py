@@ -21,7 +21,8 @@ from tinyfusion.sampling import add_sampler_args, check_cfg
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=str, default="DiT-XL/2")
-    parser.add_argument("--ckpt", type=str, default=None, help="official, training, pruned or .safetensors weights")
+    parser.add_argument("--ckpt", type=str, default=None, help="official, training, pruned or .safetensors weights, "
+                        "or a release name (default for DiT-XL/2, SiT-XL/2: the official release, fetched)")
     parser.add_argument("--sample-dir", type=str, default="samples")
     parser.add_argument("--per-proc-batch-size", type=int, default=32)
     parser.add_argument("--num-fid-samples", type=int, default=50_000)

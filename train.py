@@ -15,19 +15,24 @@ from tinyfusion.cli import add_model_args, create_model, open_training_data
 from tinyfusion.errors import run_main
 from tinyfusion.objectives import add_transport_args, make_objective
 from tinyfusion.runtime import seed_everything, setup_runtime
-from tinyfusion.trainer import Trainer, add_train_args, experiment_dir
+from tinyfusion.trainer import Trainer, add_train_args, check_train_outputs, experiment_dir
 
 
-def main(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser)
-    add_train_args(parser, lr=2e-4, ema_decay=0.9999)
+    add_train_args(parser, lr=2e-4, ema_decay=0.9999, grad_clip=1.0, precision="fp16")  # the official recipe
     add_transport_args(parser)
     # TinyFusion's fine-tuning recipe (AdamW 2e-4, cosine to 1e-4); pass --lr 1e-4 --lr-schedule constant
     # for the official DiT/SiT pre-training recipe.
     parser.set_defaults(lr_schedule="cosine", lr_min=1e-4, results_dir="outputs")
     parser.add_argument("--save-model", type=str, default=None, help="also write the final EMA weights here")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    check_train_outputs(args)
 
     rt = setup_runtime(args.device, tf32=args.tf32)
     seed_everything(args.global_seed)  # same initial weights in every process and every run

@@ -4,8 +4,11 @@
         --load-weight outputs/pruned/DiT-D14-Learned.pt --data-path data/imagenet_encoded --epochs 100 \
         --prefix D14-Learned-RepKD --teacher DiT-XL/2 --load-teacher pretrained/DiT-XL-2-256x256.pt
 
-The student->teacher layer map comes from the pruning record beside --load-weight (in each pruning
-group, the last kept student block <-> the teacher's last block of the group); --layer-map overrides it.
+The student->teacher layer map is the official table for DiT-D14/2, DiT-D19/2 (from DiT-XL/2) and
+DiT-D7/2 (from DiT-D14/2); for other students it comes from the pruning record beside --load-weight (in
+each pruning group, the last kept student block <-> the teacher's last block of the group).
+--layer-map-source picks either; --layer-map overrides both. Defaults reproduce the official code
+(fp16 autocast with a grad scaler on CUDA, fp32 on CPU; see the README's "defaults vs official" table).
 Schedules are defined in steps (--max-steps, or --epochs x steps per epoch), never silently tied to
 the batch size.
 """
@@ -16,25 +19,32 @@ import torch
 from models import family_of
 from tinyfusion.cli import add_model_args, create_model, open_training_data
 from tinyfusion.errors import UserError, run_main
-from tinyfusion.kd import MaskedKDObjective, layer_map_from_record, parse_layer_map
+from diffusion import REP_MASKS
+from tinyfusion.kd import LAYER_MAP_SOURCES, MaskedKDObjective, choose_layer_map
 from tinyfusion.objectives import add_transport_args, make_objective
 from tinyfusion.pruning import read_record
 from tinyfusion.runtime import seed_everything, setup_runtime
-from tinyfusion.trainer import Trainer, add_train_args, experiment_dir
+from tinyfusion.trainer import Trainer, add_train_args, check_train_outputs, experiment_dir
 
 
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser, model="DiT-D14/2")
-    add_train_args(parser, lr=2e-4, ema_decay=0.9999, grad_clip=1.0)
+    add_train_args(parser, lr=2e-4, ema_decay=0.9999, grad_clip=1.0, precision="fp16")
     add_transport_args(parser)
     parser.set_defaults(lr_schedule="cosine", lr_min=1e-4, results_dir="outputs")  # paper Table 6
     g = parser.add_argument_group("masked knowledge distillation")
     g.add_argument("--teacher", type=str, default="DiT-XL/2")
     g.add_argument("--load-teacher", type=str, default=None, help="teacher weights (required)")
     g.add_argument("--layer-map", type=str, default=None, help="student:teacher pairs, e.g. '0:1,1:3'")
+    g.add_argument("--layer-map-source", choices=LAYER_MAP_SOURCES, default="auto",
+                   help="auto: the official table for DiT-D14/2, D19/2, D7/2, else the pruning record")
     g.add_argument("--alpha-kd", type=float, default=0.9)
-    g.add_argument("--alpha-diff", type=float, default=0.1)
+    g.add_argument("--alpha-diff", type=float, default=None, help="weight of L_Diff (default 1 - alpha-kd)")
+    g.add_argument("--rep-mask", choices=REP_MASKS, default="both",
+                   help="both: mask each hidden state by its own statistics (official); teacher: ours")
+    g.add_argument("--kd-channels", choices=["eps", "all"], default="eps",
+                   help="DiT L_KD: eps channels + the VB term against the teacher (official), or MSE over all")
     g.add_argument("--beta", type=float, default=None, help="initial L_Rep weight (default 1e-2; SiT 2e-4)")
     g.add_argument("--beta-end", type=float, default=0.0)
     g.add_argument("--teacher-precision", choices=["fp32", "bf16"], default="fp32",
@@ -46,8 +56,9 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    check_train_outputs(args)
     if not args.load_teacher:
-        raise UserError("--load-teacher is required: the teacher's weights, e.g. pretrained/DiT-XL-2-256x256.pt")
+        raise UserError("--load-teacher is required: the teacher's weights, e.g. DiT-XL-2-256x256.pt (fetched) or a path")
     family = family_of(args.model)
     if family_of(args.teacher) != family:
         raise UserError(f"teacher {args.teacher} and student {args.model} are different model families")
@@ -56,20 +67,20 @@ def main(argv=None):
     store, shape = open_training_data(args, args.model)
     student = create_model(args.model, shape, args.num_classes, args.load_weight)
     teacher = create_model(args.teacher, shape, args.num_classes, args.load_teacher).to(rt.device)
-    if args.layer_map:
-        layer_map = parse_layer_map(args.layer_map, student.depth, teacher.depth)
-    else:
-        layer_map = layer_map_from_record(read_record(args.load_weight) if args.load_weight else None, teacher.depth)
+    record = read_record(args.load_weight) if args.load_weight and not args.layer_map else None
+    layer_map, origin = choose_layer_map(args.model, student.depth, teacher.depth, args.layer_map,
+                                         args.layer_map_source, record)
     if max(s for s, _ in layer_map) >= student.depth:
         raise UserError(f"the layer map {layer_map} does not fit the student's depth {student.depth}: check --model "
                         f"or pass --layer-map")
     beta = args.beta if args.beta is not None else (2e-4 if family == "SiT" else 1e-2)  # paper Table 6
     objective = MaskedKDObjective(make_objective(family, shape, args), student, teacher, layer_map,
                                   args.alpha_kd, args.alpha_diff, beta, args.beta_end, args.mask_std,
-                                  teacher_dtype=torch.bfloat16 if args.teacher_precision == "bf16" else None)
+                                  teacher_dtype=torch.bfloat16 if args.teacher_precision == "bf16" else None,
+                                  rep_mask=args.rep_mask, kd_channels=args.kd_channels)
     trainer = Trainer(rt, student, objective, store, args, results_dir=experiment_dir(args, args.model))
     trainer.logger.info(f"student {args.model} ({student.depth} blocks) <- teacher {args.teacher} "
-                        f"({teacher.depth} blocks); layer map {layer_map}; beta {beta} -> {args.beta_end}")
+                        f"({teacher.depth} blocks); layer map {layer_map} from {origin}; beta {beta} -> {args.beta_end}")
     trainer.fit().finish(args.save_model)
 
 

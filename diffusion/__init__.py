@@ -1,7 +1,7 @@
 """Gaussian diffusion for DiT and MAR's DiffLoss, with the official `create_diffusion` front end."""
 from . import gaussian_diffusion as gd
 from .gaussian_diffusion import GaussianDiffusion, LossType, ModelMeanType, ModelVarType, get_named_beta_schedule
-from .losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
+from .losses import REP_MASKS, discretized_gaussian_log_likelihood, masked_rep_loss, mean_flat, normal_kl
 from .respace import SpacedDiffusion, space_timesteps
 
 
@@ -36,4 +36,4 @@ def create_diffusion(timestep_respacing, noise_schedule="linear", use_kl=False, 
 
 __all__ = ["create_diffusion", "GaussianDiffusion", "SpacedDiffusion", "space_timesteps", "get_named_beta_schedule",
            "ModelMeanType", "ModelVarType", "LossType", "normal_kl", "discretized_gaussian_log_likelihood",
-           "mean_flat", "gd"]
+           "mean_flat", "masked_rep_loss", "REP_MASKS", "gd"]

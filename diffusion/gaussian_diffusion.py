@@ -14,7 +14,7 @@ import torch
 
 from tinyfusion.errors import UserError
 
-from .losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
+from .losses import discretized_gaussian_log_likelihood, masked_rep_loss, mean_flat, normal_kl
 
 
 class ModelMeanType(enum.Enum):
@@ -254,10 +254,13 @@ class GaussianDiffusion:
         return out["sample"]
 
     # ----- training -----
-    def _vb_terms_bpd(self, model, x_start, x_t, t, clip_denoised=True, model_kwargs=None):
+    def _vb_terms_bpd(self, model, x_start, x_t, t, clip_denoised=True, model_kwargs=None, target=None):
         """One term of the variational bound in bits: KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)), or the
-        decoder NLL of x_0 at t = 0. Returns {"output": (N,), "pred_xstart": ...}."""
+        decoder NLL of x_0 at t = 0. `target` = (mean, log-variance) replaces q (a KD teacher's p).
+        Returns {"output": (N,), "pred_xstart": ...}."""
         true_mean, _, true_log_var = self.q_posterior_mean_variance(x_start, x_t, t)
+        if target is not None:
+            true_mean, true_log_var = target
         out = self.p_mean_variance(model, x_t, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs)
         kl = mean_flat(normal_kl(true_mean, true_log_var, out["mean"], out["log_variance"])) / np.log(2.0)
         decoder_nll = -discretized_gaussian_log_likelihood(x_start, means=out["mean"],
@@ -290,6 +293,113 @@ class GaussianDiffusion:
         terms["mse"] = mean_flat((target - out) ** 2)
         terms["loss"] = terms["mse"] + terms["vb"] if "vb" in terms else terms["mse"]
         return terms
+
+
+    # ----- masked knowledge distillation (TinyFusion; the official API) -----
+    def training_losses_kd(self, model, teacher, x_start, t, model_kwargs=None, noise=None, alpha_kd=0.9, *,
+                           alpha_diff=None, kd_channels="eps"):
+        """L = alpha_kd * kd_loss + (1 - alpha_kd) * gt, per sample, as the official TinyFusion code.
+
+        gt = mse + vb (the ordinary loss); kd_loss = MSE between the student's and the teacher's eps
+        channels + vb_kd, where vb_kd is the VB term with the teacher's p(x_{t-1}|x_t) in place of the true
+        posterior (student mean detached, so it trains the variance; decoder NLL at t = 0).
+        Ours: kd_channels="all" is the MSE over all output channels (variance channels included) and
+        leaves vb_kd out of kd_loss; alpha_diff replaces the 1 - alpha_kd weight of gt.
+        The teacher runs without gradients on the same x_t, t and model_kwargs (label drops included).
+        """
+        terms, _, _ = self._kd_terms(model, teacher, x_start, t, model_kwargs, noise, kd_channels)
+        return self._kd_total(terms, alpha_kd, alpha_diff)
+
+    def training_losses_kd_rep(self, model, teacher, x_start, t, model_kwargs=None, noise=None, beta_feat=1e-2,
+                               alpha_kd=0.9, *, layer_map=None, alpha_diff=None, kd_channels="eps",
+                               rep_mask="both", mask_std=2.0):
+        """training_losses_kd + beta_feat * feat_loss: the masked MSE (losses.masked_rep_loss) between mapped
+        student and teacher block outputs, averaged over the pairs.
+
+        Pairs: `layer_map=[(student_block, teacher_block), ...]`; without it, as the official
+        train_masked_kd.py sets up, every student block with a `target_layer` attribute and the `.feature`
+        its forward hook stored, against `teacher.blocks[target_layer].feature`. `model` may be wrapped
+        (DDP `.module`, torch.compile `._orig_mod`).
+        """
+        pairs = _mapped_blocks(model, teacher, layer_map)
+        hooked = list({id(b): b for pair in pairs for b in pair}.values()) if layer_map is not None else []
+        hooks = [b.register_forward_hook(store_feature) for b in hooked]
+        try:
+            terms, _, _ = self._kd_terms(model, teacher, x_start, t, model_kwargs, noise, kd_channels)
+            losses = [masked_rep_loss(s.feature, t_.feature, mask_std, rep_mask) for s, t_ in pairs]
+        finally:
+            for h in hooks:
+                h.remove()
+            for b in hooked:  # our hooks' features would otherwise keep the graph alive
+                b.__dict__.pop("feature", None)
+        terms["feat_loss"] = sum(losses) / len(losses)
+        return self._kd_total(terms, alpha_kd, alpha_diff, beta_feat)
+
+    def _kd_total(self, terms, alpha_kd, alpha_diff, beta_feat=0.0):
+        alpha_diff = 1.0 - alpha_kd if alpha_diff is None else alpha_diff
+        terms["loss"] = alpha_kd * terms["kd_loss"] + alpha_diff * terms["gt"]
+        if "feat_loss" in terms:
+            terms["loss"] = terms["loss"] + beta_feat * terms["feat_loss"]
+        return terms
+
+    def _kd_terms(self, model, teacher, x_start, t, model_kwargs, noise, kd_channels):
+        if kd_channels not in ("eps", "all"):
+            raise UserError(f"unknown KD output channels {kd_channels!r}: choose 'eps' (official) or 'all'")
+        if noise is None:
+            noise = torch.randn_like(x_start)
+        x_t = self.q_sample(x_start, t, noise=noise)
+        out = self._call(model, x_t, t, model_kwargs)
+        with torch.no_grad():
+            teacher_out = self._call(teacher, x_t, t, model_kwargs)
+        teacher_out = teacher_out.to(out.dtype)
+        terms, eps, teacher_eps = {}, out, teacher_out
+        if self.model_var_type == ModelVarType.LEARNED_RANGE:
+            C = x_t.shape[1]
+            eps, var_values = torch.split(out, C, dim=1)
+            teacher_eps = teacher_out[:, :C]
+            frozen = torch.cat([eps.detach(), var_values], dim=1)  # the VB terms train only the variance
+            fixed = lambda *_, **__: frozen  # noqa: E731
+            teacher_p = self.p_mean_variance(lambda *_, **__: teacher_out, x_t, t, clip_denoised=False)
+            terms["vb"] = self._vb_terms_bpd(fixed, x_start, x_t, t, clip_denoised=False)["output"]
+            terms["vb_kd"] = self._vb_terms_bpd(fixed, x_start, x_t, t, clip_denoised=False,
+                                                target=(teacher_p["mean"], teacher_p["log_variance"]))["output"]
+            if self.loss_type == LossType.RESCALED_MSE:
+                terms["vb"], terms["vb_kd"] = (v * (self.num_timesteps / 1000.0) for v in (terms["vb"], terms["vb_kd"]))
+        target = x_start if self.model_mean_type == ModelMeanType.START_X else noise
+        terms["mse"] = mean_flat((target - eps) ** 2)
+        terms["gt"] = terms["mse"] + terms["vb"] if "vb" in terms else terms["mse"]
+        if kd_channels == "all":
+            terms["kd_loss"] = mean_flat((teacher_out - out) ** 2)
+        else:
+            terms["kd_loss"] = mean_flat((teacher_eps - eps) ** 2) + terms.get("vb_kd", 0.0)
+        return terms, out, teacher_out
+
+
+def _unwrap(model):
+    """The module under DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "_orig_mod", None) or model.module
+    return model
+
+
+def _mapped_blocks(model, teacher, layer_map):
+    """[(student block, teacher block)] of `layer_map`, or of the students' `target_layer` attributes."""
+    student_blocks, teacher_blocks = _unwrap(model).blocks, _unwrap(teacher).blocks
+    if layer_map is None:
+        layer_map = [(i, b.target_layer) for i, b in enumerate(student_blocks) if hasattr(b, "target_layer")]
+        if not layer_map:
+            raise UserError("no student block has a `target_layer` (and its feature hook): pass "
+                            "layer_map=[(student_block, teacher_block), ...]")
+    for s, t in layer_map:
+        if not (0 <= s < len(student_blocks) and 0 <= t < len(teacher_blocks)):
+            raise UserError(f"the KD layer map pair {s}:{t} names a block the models lack: the student has blocks "
+                            f"0..{len(student_blocks) - 1}, the teacher 0..{len(teacher_blocks) - 1}")
+    return [(student_blocks[s], teacher_blocks[t]) for s, t in layer_map]
+
+
+def store_feature(module, args, output):
+    """Forward hook of the official train_masked_kd.py: keep the block's output as `.feature`."""
+    module.feature = output
 
 
 def _module_device(model):

@@ -38,3 +38,28 @@ def discretized_gaussian_log_likelihood(x, *, means, log_scales):
     log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
     log_cdf_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
     return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta))
+
+
+REP_MASKS = ("both", "teacher")
+
+
+def masked_rep_loss(student_h, teacher_h, mask_std=2.0, mask="both"):
+    """Per-sample MSE of two hidden states with massive activations masked (TinyFusion's L_Rep).
+
+    mask="both" (the official code): each state is zeroed where it lies `mask_std` or more standard
+    deviations from its own per-sample mean (unbiased variance over tokens and channels, strict <),
+    then mean((m_s * h_s - m_t * h_t)^2). mask="teacher" (ours): the difference is masked with the
+    teacher's mask only (<=). Statistics in fp32: squared massive activations overflow fp16.
+    """
+    def keep(h, strict):
+        dims = tuple(range(1, h.dim()))
+        dev = (h - h.mean(dim=dims, keepdim=True)).abs()
+        bound = mask_std * h.var(dim=dims, keepdim=True).sqrt()
+        return (dev < bound if strict else dev <= bound).float()
+
+    s, t = student_h.float(), teacher_h.float()
+    if mask == "both":
+        return mean_flat((keep(s, True) * s - keep(t, True) * t) ** 2)
+    if mask == "teacher":
+        return mean_flat(((s - t) * keep(t, False)) ** 2)
+    raise ValueError(f"unknown rep mask {mask!r}: choose one of {', '.join(REP_MASKS)}")

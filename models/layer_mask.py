@@ -53,8 +53,28 @@ def is_preset(name):
     return isinstance(name, str) and name.replace("_", "-") in PRESETS
 
 
+def _group_list(text):
+    """'[[2,4],[3,4]]', '[[1,2]]*14' or '[[1,2]]*2+[[2,4]]' as data: JSON lists, repeats and +, never evaluated."""
+    import json
+    import re
+    terms, level, start = [], 0, 0
+    for i, ch in enumerate(text):
+        level += (ch == "[") - (ch == "]")
+        if ch == "+" and level == 0:
+            terms.append(text[start:i])
+            start = i + 1
+    out = []
+    for term in terms + [text[start:]]:
+        m = re.fullmatch(r"\s*(\[.*\])\s*(?:\*\s*(\d{1,4}))?\s*", term, re.S)
+        if not m:
+            raise ValueError(term)
+        out += json.loads(m.group(1)) * int(m.group(2) or 1)
+    return out
+
+
 def parse_groups(spec, depth):
-    """Validated [(N, M), ...] from a list of pairs, a string '[[2,4],[3,4]]', or 'N:M' (repeated over depth)."""
+    """Validated [(N, M), ...] from a list of pairs, a string '[[2,4],[3,4]]' or '[[1,2]]*14', or 'N:M'
+    (repeated over depth)."""
     if isinstance(spec, str):
         text = spec.strip()
         if ":" in text and "[" not in text:
@@ -66,11 +86,11 @@ def parse_groups(spec, depth):
                 raise UserError(f"groups {spec!r}: M={m} does not divide the depth {depth}; give an explicit list")
             spec = [[n, m]] * (depth // m)
         else:
-            import json
             try:
-                spec = json.loads(text)
+                spec = _group_list(text)
             except ValueError:
-                raise UserError(f"groups {spec!r} is not a list of [N, M] pairs such as '[[2,4],[2,4],[3,4]]'")
+                raise UserError(f"groups {spec!r} is not a list of [N, M] pairs such as '[[2,4],[2,4],[3,4]]' "
+                                f"or '[[1,2]]*14' (terms may be joined with +)")
     if not isinstance(spec, (list, tuple)) or not spec or not all(
             isinstance(g, (list, tuple)) and len(g) == 2 and all(type(v) is int for v in g) for g in spec):
         raise UserError(f"groups {spec!r} must be a non-empty list of [N, M] integer pairs such as [[1,2],[1,2]]")

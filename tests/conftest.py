@@ -30,3 +30,12 @@ def golden_model(golden, cls_name="DiT"):
     model = cls(**tiny_config()).eval()
     model.load_state_dict({k[len(prefix):]: v for k, v in golden.items() if k.startswith(prefix)}, strict=True)
     return model
+
+
+@pytest.fixture(autouse=True)
+def _no_release_downloads(tmp_path_factory, monkeypatch):
+    """No test may fetch a released checkpoint from the internet: release names resolve into an empty
+    scratch cache, and a download stops with the offline message before touching the network."""
+    from tinyfusion.download import CACHE_ENV, OFFLINE_ENV
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path_factory.getbasetemp() / "release_cache"))
+    monkeypatch.setenv(OFFLINE_ENV, "1")

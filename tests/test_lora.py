@@ -1,12 +1,15 @@
 """Hand-written LoRA: exact no-op at init, merge == unmerged == the closed form, strip restores the
 original weights and names, frozen base weights, and the trainable share on DiT-XL/2."""
 import copy
+import json
+import os
 
 import torch
 import torch.nn as nn
 
 from models import DiT, build_model
 from models.lora import LoRALinear, apply_lora, lora_state_dict, merge_lora, strip_lora
+from tinyfusion.mask_learning import prepare_mask_learning
 from test_layer_mask import inputs, tiny_model
 
 
@@ -101,3 +104,29 @@ def test_trainable_share_on_dit_xl():
     share = lora / (base + lora)
     print(f"DiT-XL/2 LoRA r=8 on all block Linears: {lora:,} of {base + lora:,} parameters = {share:.3%}")
     assert 0.008 < share < 0.010  # the paper: ~0.9%
+
+
+def test_search_lora_covers_every_linear_by_default_as_the_official_code():
+    spec = json.load(open(os.path.join(os.path.dirname(__file__), "fixtures", "keys", "DiT-XL-2.json")))
+    # Closed form from the official DiT-XL/2 keys: r * (in + out) for every Linear weight (2-D; the label
+    # embedding table is an nn.Embedding, the patch embedding a Conv2d).
+    linears = {k[:-len(".weight")]: shape for k, shape in spec["state_dict"].items()
+               if k.endswith(".weight") and len(shape) == 2 and not k.startswith("y_embedder")}
+    expected = {scope: sum(8 * (i + o) for name, (o, i) in linears.items() if scope == "all" or name.startswith("blocks."))
+                for scope in ("all", "blocks")}
+    counts = {}
+    for scope in ("all", "blocks"):
+        with torch.device("meta"):
+            model = build_model("DiT-XL/2")
+        kwargs = {} if scope == "all" else {"lora_scope": "blocks"}  # the default must be "all"
+        _, groups = prepare_mask_learning(model, [[1, 2]] * 14, lora_rank=8, **kwargs)
+        counts[scope] = sum(p.numel() for p in groups[0]["params"])
+        lora_on = {n for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+        assert lora_on == {n for n in linears if scope == "all" or n.startswith("blocks.")}
+    assert counts == expected
+    assert {"t_embedder.mlp.0", "final_layer.linear", "final_layer.adaLN_modulation.1"} <= set(linears)
+    share = counts["all"] / spec["num_parameters"]
+    print(f"DiT-XL/2 search LoRA r=8: all Linears {counts['all']:,} = {share:.3%} of the model "
+          f"({counts['all'] / (spec['num_parameters'] + counts['all']):.3%} of all parameters); "
+          f"blocks only {counts['blocks']:,}")
+    assert counts["all"] == 6_001_920 and round(100 * share, 2) == 0.89  # the paper / official: about 0.89%

@@ -257,7 +257,7 @@ def test_prune_by_score_finds_an_identity_block(tiny, tmp_path, method):
     out = str(tmp_path / "score.pt")
     main(build_parser().parse_args(["--model", "MAR-B", "--ckpt", str(tmp_path / "planted.pt"), "--save-model", out,
                                     "--n-pruned", "1", "--method", method, "--data-path", tiny.store,
-                                    "--calib-batches", "2", "--batch-size", "4", "--device", "cpu", *SIZE]))
+                                    "--nsamples", "8", "--batch-size", "4", "--device", "cpu", *SIZE]))
     record = json.load(open(tmp_path / "score.json"))
     assert record["removed"] == [1] and record["pruned_model"] == "MAR-B-E1D2"
     assert abs(record["importance"][1]) < 1e-5 and min(record["importance"][i] for i in (0, 2)) > 1e-4

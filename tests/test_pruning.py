@@ -204,33 +204,57 @@ def test_prune_by_score_end_to_end(tmp_path, source_ckpt):
     ckpt, sd = source_ckpt
     out = tmp_path / "pruned.safetensors"
     r = _run_script("prune_by_score.py", "--ckpt", ckpt, "--save-model", out, "--n-pruned", 2, "--method", "bi",
-                    "--calib-random", "--calib-batches", 2, "--batch-size", 2, "--device", "cpu")
+                    "--calib-random", "--nsamples", 4, "--batch-size", 2, "--device", "cpu")
     assert r.returncode == 0, r.stderr
     record = read_record(out)
     assert len(record["importance"]) == 4 and record["calibration"]["data"] == "gaussian"
+    assert record["calibration"]["inputs"] == "clean"  # the official BI calibration is the DiT default
     kept = [i for i in range(4) if i not in choose_removed(record["importance"], 2)]
     _check_output(out, sd, kept, "bi")
+
+
+def _reference_store(path, n=6):
+    g = np.random.default_rng(0)
+    for sub in ("imagenet256_features", "imagenet256_labels"):
+        (path / sub).mkdir(parents=True)
+    for i in range(n):
+        np.save(path / "imagenet256_features" / f"{i}.npy", g.standard_normal((2, 4, 4, 4)).astype("f4"))
+        np.save(path / "imagenet256_labels" / f"{i}.npy", np.array([i % 10]))
+    return str(path)
 
 
 def test_prune_by_score_reads_a_feature_store(tmp_path, source_ckpt):
     """The reference layout (one .npy per latent) as calibration data, in process."""
     import prune_by_score
-    g = np.random.default_rng(0)
-    for sub in ("imagenet256_features", "imagenet256_labels"):
-        (tmp_path / "store" / sub).mkdir(parents=True)
-    for i in range(6):
-        np.save(tmp_path / "store" / "imagenet256_features" / f"{i}.npy", g.standard_normal((2, 4, 4, 4)).astype("f4"))
-        np.save(tmp_path / "store" / "imagenet256_labels" / f"{i}.npy", np.array([i % 10]))
+    store = _reference_store(tmp_path / "store")
     out = tmp_path / "pruned.pt"
     argv = COMMON + ["--ckpt", str(source_ckpt[0]), "--save-model", str(out), "--n-pruned", "2", "--method",
-                     "output-error", "--data-path", str(tmp_path / "store"), "--calib-batches", "2",
-                     "--batch-size", "3", "--device", "cpu"]
+                     "output-error", "--data-path", store, "--nsamples", "6", "--batch-size", "3", "--device", "cpu"]
     prune_by_score.main(prune_by_score.build_parser().parse_args(argv))
     record = read_record(out)
-    assert record["calibration"] == {"data": str(tmp_path / "store"), "batches": 2, "batch_size": 3}
+    assert record["calibration"] == {"data": store, "nsamples": 6, "batch_size": 3, "inputs": "noised"}
     assert min(record["importance"]) > 0  # skipping any block with random adaLN weights changes the output
     _check_output(out, source_ckpt[1], [i for i in range(4) if i not in choose_removed(record["importance"], 2)],
                   "output-error")
+
+
+def test_bi_on_clean_latents_removes_a_planted_identity_block(tmp_path, source_ckpt):
+    """The official BI calibration (the DiT default) on a feature store: a block whose residual branches are
+    zero maps its input to itself (cosine similarity 1), so it is the first removed."""
+    import prune_by_score
+    sd = read_weights(source_ckpt[0])
+    for k in ("blocks.2.attn.proj", "blocks.2.mlp.fc2"):
+        sd[k + ".weight"].zero_()
+        sd[k + ".bias"].zero_()
+    save_weights(sd, tmp_path / "planted.pt")
+    out = tmp_path / "bi.pt"
+    argv = COMMON + ["--ckpt", str(tmp_path / "planted.pt"), "--save-model", str(out), "--n-pruned", "1",
+                     "--data-path", _reference_store(tmp_path / "store"), "--nsamples", "6", "--batch-size", "4"]
+    prune_by_score.main(prune_by_score.build_parser().parse_args(argv))
+    record = read_record(out)
+    assert record["method"] == "bi" and record["calibration"]["inputs"] == "clean"
+    assert record["removed"] == [2] and abs(record["importance"][2]) < 1e-6 and min(record["importance"]) >= 0
+
 
 def _in_process(module, argv, capsys):
     """Run a script's main like the command line does; returns (exit code, stderr)."""

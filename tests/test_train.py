@@ -96,3 +96,20 @@ def test_bad_batch_and_shape_errors(tmp_path):
     assert r.returncode != 0 and "not divisible by the world size" in r.stderr
     r = run(train_args(store, str(tmp_path / "o"), extra=["--image-size", "64"]))
     assert r.returncode == 2 and "error:" in r.stderr and "(4, 8, 8)" in r.stderr
+
+
+def test_fine_tuning_defaults_are_the_official_recipe(tmp_path):
+    """The official train.py clips gradients at 1.0 and trains under fp16 autocast with a grad scaler; on a
+    CPU the fp16 default falls back to fp32 and trains exactly as --precision fp32."""
+    from tinyfusion.checkpoint import read_weights
+    from train import build_parser, main
+    store = make_store(str(tmp_path / "store"), n=16)
+    argv = ["--model", "DiT-S-D2/2", "--data-path", store, "--results-dir", str(tmp_path / "out"), "--max-steps", "2",
+            "--global-batch-size", "8", "--lr", "1e-2", "--device", "cpu", *TINY]
+    args = build_parser().parse_args(argv)
+    assert (args.grad_clip, args.precision) == (1.0, "fp16")
+    for name, extra in (("default", []), ("fp32", ["--precision", "fp32"])):
+        main([*argv, "--prefix", name, "--save-model", str(tmp_path / f"{name}.pt"), *extra])
+    default, fp32 = read_weights(tmp_path / "default.pt"), read_weights(tmp_path / "fp32.pt")
+    assert all(torch.equal(default[k], fp32[k]) for k in fp32)
+    assert "fp16 needs CUDA: training in fp32 on cpu" in open(tmp_path / "out" / "default" / "log.txt").read()

@@ -7,13 +7,17 @@ Reads official plain state dicts, training dicts ({'model', 'ema', 'opt', ...}; 
 """
 import argparse
 import contextlib
+import errno
+import glob
 import os
 import pickle
 import re
+import shutil
 import tempfile
 
 import torch
 
+from .download import resolve
 from .errors import UserError
 
 # Official DiT/SiT/TinyFusion training checkpoints store their argparse Namespace under 'args'.
@@ -37,8 +41,33 @@ def atomic_path(path):
     try:
         yield tmp
         os.replace(tmp, path)
+    except Exception as e:
+        if not _is_write_failure(e):
+            raise
+        folder = os.path.dirname(os.path.abspath(path))
+        free = shutil.disk_usage(folder).free / 2**20
+        raise UserError(f"writing {path} failed: the disk is full or over quota ({free:.0f} MiB free in {folder}); "
+                        f"files written before are kept. Free some space and rerun (training: --resume auto)") from None
     finally:
         if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _is_write_failure(e):
+    """Out of space (or over a quota / file-size limit). Only OSError carries an errno: numpy's short write,
+    torch.save's zip writer and safetensors report the failure in their message instead."""
+    if isinstance(e, OSError) and e.errno is not None:
+        return e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    text = str(e)
+    return (isinstance(e, OSError) and "requested and" in text and "written" in text) or \
+        (isinstance(e, RuntimeError) and ("PytorchStreamWriter" in text or "inline_container" in text)) or \
+        (type(e).__name__ == "SafetensorError" and "I/O error" in text)
+
+
+def remove_stale_temporaries(folder):
+    """Delete `.tmp-*` files that atomic writes of a killed process left in `folder`."""
+    for tmp in glob.glob(os.path.join(glob.escape(folder), ".tmp-*")):
+        with contextlib.suppress(OSError):
             os.remove(tmp)
 
 
@@ -46,26 +75,40 @@ def _is_safetensors(path):
     return os.fspath(path).endswith(".safetensors")
 
 
+def _first_line(e):
+    text = str(e).strip()
+    return text.splitlines()[0][:160] if text else type(e).__name__
+
+
 def load_checkpoint(path):
-    """Load a whole checkpoint object (dict) safely; one clear error for missing or unsafe files."""
-    path = os.fspath(path)
+    """Load a whole checkpoint object (dict) safely; one clear error for missing, unsafe or unreadable files.
+    A release name (tinyfusion.download.RELEASES) that is not a local path is fetched first."""
+    path = os.fspath(resolve(path))
+    if os.path.isdir(path):
+        raise UserError(f"checkpoint {path} is a folder, not a file: pass the checkpoint file inside it "
+                        f"(e.g. {os.path.join(path, 'checkpoints', '0500000.pt')})")
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist: check the path (or download the file first)")
+    if os.path.getsize(path) == 0:
+        raise UserError(f"checkpoint {path} is empty (0 bytes): the download or copy did not finish; fetch it again")
     if _is_safetensors(path):
         from safetensors import safe_open
         from safetensors.torch import load_file
-        with safe_open(path, "pt") as f:
-            metadata = f.metadata() or {}
-        return {"state_dict": load_file(path), "metadata": metadata}
+        try:
+            with safe_open(path, "pt") as f:
+                metadata = f.metadata() or {}
+            return {"state_dict": load_file(path), "metadata": metadata}
+        except Exception as e:  # safetensors raises its own SafetensorError (and OSError) on bad files
+            raise UserError(f"cannot read {path} ({_first_line(e)}): it is not a valid .safetensors file, or it is "
+                            f"truncated; fetch it again") from None
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"refusing to load {path}: it holds Python objects that could run code when unpickled "
-                        f"({first[:160]}); re-save it as a plain state dict or .safetensors from a trusted source")
-    except (RuntimeError, EOFError) as e:
-        raise UserError(f"cannot read checkpoint {path} ({str(e).splitlines()[0][:160]}): the file is not a "
-                        f"torch or safetensors checkpoint, or it is truncated")
+                        f"({_first_line(e)}); re-save it as a plain state dict or .safetensors from a trusted source")
+    except Exception as e:  # the zip reader and the unpickler fail in many ways (RuntimeError, EOFError, KeyError...)
+        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}: {_first_line(e)}): the file is not a "
+                        f"torch or safetensors checkpoint, or it is truncated") from None
 
 
 def extract_state_dict(obj, path="checkpoint"):

@@ -1,11 +1,29 @@
 """Argument groups and builders shared by the top-level scripts (model + data set-up)."""
+import argparse
+import os
+
 from models import build_model, family_of
 from .checkpoint import load_weights
+from .download import CACHE_ENV, DEFAULT_CACHE
 from .errors import UserError
 
 
+class _SetCacheDir(argparse.Action):
+    """--cache-dir sets $TINYFUSION_CACHE, which every release-name lookup reads (also in child processes)."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        os.environ[CACHE_ENV] = value
+        setattr(namespace, self.dest, value)
+
+
+def add_cache_arg(parser):
+    parser.add_argument("--cache-dir", action=_SetCacheDir, default=None,
+                        help=f"where released checkpoints named by --ckpt etc. are fetched to "
+                             f"(default ${CACHE_ENV}, else {DEFAULT_CACHE}/)")
+
+
 def add_image_args(parser, vae="ema"):
-    """--image-size, --num-classes, --vae, --channels: what fixes the model's input (latent) shape."""
+    """--image-size, --num-classes, --vae, --channels: what fixes the model's input (latent) shape (and --cache-dir)."""
     g = parser.add_argument_group("images and latents")
     g.add_argument("--image-size", type=int, default=256,
                    help="a multiple of 8 (latent = image / 8); MAR: of 16 (KL-16 latent = image / 16)")
@@ -13,6 +31,7 @@ def add_image_args(parser, vae="ema"):
     g.add_argument("--vae", type=str, default=vae, help="ema, mse, none (pixel space), a hub id or a local folder; "
                                                        "MAR: a kl16 checkpoint")
     g.add_argument("--channels", type=int, default=3, help="image channels in pixel space (--vae none)")
+    add_cache_arg(parser)
     return g
 
 
@@ -53,10 +72,11 @@ def latent_shape_for(args, store=None, model_name=None):
         return (MAR_LATENT_CHANNELS, side, side)
     if args.image_size % 8:
         raise UserError(f"--image-size {args.image_size} is not a multiple of 8: use e.g. {args.image_size // 8 * 8 or 8}")
-    if store is not None and (getattr(store, "manifest", {}) or {}).get("vae") == "none":
+    store_vae = (getattr(store, "manifest", {}) or {}).get("vae") if store is not None else None
+    if store_vae == "none":
         return tuple(store.latent_shape)  # pixel-space store (e.g. the digits demo): no VAE in between
-    if store is None and getattr(args, "vae", None) == "none":
-        return (getattr(args, "channels", 3), args.image_size, args.image_size)
+    if store_vae is None and getattr(args, "vae", None) == "none":  # no store, or one that does not record
+        return (getattr(args, "channels", 3), args.image_size, args.image_size)  # its VAE (reference layout)
     return (4, args.image_size // 8, args.image_size // 8)
 
 

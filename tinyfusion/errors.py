@@ -14,5 +14,13 @@ def run_main(main, *args, **kwargs):
     try:
         return main(*args, **kwargs)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
+
+
+def one_line(error):
+    """The message of a UserError, also when a DataLoader worker re-raised it with the worker's traceback."""
+    text = str(error).strip()
+    if "Traceback" in text:  # "Caught UserError in DataLoader worker ... Traceback ... UserError: <message>"
+        text = text.splitlines()[-1].split("UserError: ", 1)[-1]
+    return " ".join(text.split())

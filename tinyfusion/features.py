@@ -23,8 +23,9 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import atomic_path
-from .data import FORMAT_VERSION, open_image_folder
+from .data import FORMAT_VERSION, drop_unreadable_images, open_image_folder, unreadable_images
 from .errors import UserError
+from .outputs import check_output_dir
 from .runtime import setup_runtime
 from .vae import gaussian_noise, load_vae, sample_moments
 
@@ -92,6 +93,16 @@ def _check_settings(root, settings):
                         f"or rerun with the original flags")
 
 
+def _scan_split(paths, rt):
+    """unreadable_images over all ranks: each scans every world_size-th file, the results are gathered."""
+    bad = unreadable_images(paths[rt.rank::rt.world_size])
+    if rt.distributed:
+        parts = [None] * rt.world_size
+        torch.distributed.all_gather_object(parts, bad)
+        bad = [b for part in parts for b in part]
+    return bad
+
+
 def _encode_batch(vae, x, positions, global_seed, store):
     """(B, 2, C', h, w) entries for a batch: index 1 is the flipped image."""
     both = torch.cat([x, x.flip(-1)])
@@ -117,19 +128,23 @@ def _exit_hook():
 
 def extract_features(data_path, features_path, image_size=256, vae="ema", batch_size=32, num_workers=4,
                      global_seed=0, dtype="fp32", store="latents", shard_size=50_000, limit=None, channels=3,
-                     runtime=None, channels_last=False):
+                     runtime=None, channels_last=False, bad_images="stop"):
     """Encode an ImageFolder into a sharded feature store; resumes an interrupted run. Returns the manifest."""
     rt = runtime or setup_runtime()
     if store not in ("latents", "moments"):
         raise UserError(f"--store {store}: use latents or moments")
     if shard_size < 1 or (limit is not None and limit < 1):
         raise UserError(f"--shard-size {shard_size} and --limit {limit} must be >= 1")
+    check_output_dir(features_path, "--features-path")
     coder = load_vae(vae, rt.device, channels=channels, channels_last=channels_last)
     if coder.in_channels != channels:
         raise UserError(f"VAE {coder.name} takes {coder.in_channels}-channel images, not --channels {channels}")
     if store == "moments" and not coder.stochastic:
         raise UserError("--store moments needs a VAE (pixels have no posterior): use --store latents with --vae none")
     dataset = open_image_folder(data_path, image_size, coder.downsample, random_flip=False, channels=channels)
+    skipped = drop_unreadable_images(dataset, bad_images, log=rt.print, scan=lambda paths: _scan_split(paths, rt))
+    if not dataset.samples:
+        raise UserError(f"{data_path} holds no readable images")
     indices = select_indices(len(dataset), limit)
     side = image_size // coder.downsample
     latent_shape = (coder.latent_channels, side, side)
@@ -141,6 +156,8 @@ def extract_features(data_path, features_path, image_size=256, vae="ema", batch_
                 "shard_size": shard_size, "limit": limit, "global_seed": global_seed,
                 "latent_shape": list(latent_shape), "stored_shape": list(stored_shape),
                 "data_path": os.path.abspath(data_path)}
+    if skipped:  # part of the content: a restart that would skip other files is refused
+        settings["skipped_images"] = [os.path.relpath(p, data_path) for p in skipped]
     root = os.path.expanduser(features_path)
     _check_settings(root, settings)
     rt.barrier()
@@ -200,7 +217,9 @@ def extract_features(data_path, features_path, image_size=256, vae="ema", batch_
     bar.close()
     rt.barrier()
     manifest = {key: settings[key] for key in settings if key not in ("images_in_folder", "data_path")}
+    kept_labels = [dataset.targets[i] for i in indices]
     manifest.update(num_classes=len(dataset.classes), flips=True, num_shards=len(shards),
+                    label_range=[min(kept_labels), max(kept_labels)],
                     shards=[{"latents": _names(k)["latents"], "labels": _names(k)["labels"], "count": e - s}
                             for k, (s, e) in enumerate(shards)])
     if rt.is_main:

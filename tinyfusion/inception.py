@@ -18,11 +18,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models.inception import BasicConv2d, InceptionA, InceptionB, InceptionC, InceptionD, InceptionE
 
+from tinyfusion.checkpoint import load_checkpoint
+from tinyfusion.download import RELEASES, resolve
 from tinyfusion.errors import UserError
 
 WEIGHTS_ENV = "TINYFUSION_INCEPTION_WEIGHTS"
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
-WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{WEIGHTS_FILE}"
+WEIGHTS_URL = RELEASES[WEIGHTS_FILE].url
 INPUT_SIZE = 299
 SPATIAL_CHANNELS = 7  # ADM keeps mixed_6/conv[..., :7]: 17*17*7 = 2023 sFID features
 
@@ -150,21 +152,28 @@ class FIDInception3(nn.Module):
 
 
 def load_inception(path=None, device="cpu"):
-    """The FID Inception with converted TF weights from a local file (never downloaded).
+    """The FID Inception with converted TF weights from `path`, a local file or the release name.
 
-    `path` defaults to $TINYFUSION_INCEPTION_WEIGHTS. Accepts the pytorch-fid / torch-fidelity state
+    `path` defaults to $TINYFUSION_INCEPTION_WEIGHTS, else to the release (fetched into the cache when
+    missing, as ADM's evaluator fetches its graph). Accepts the pytorch-fid / torch-fidelity state
     dict (torchvision names, e.g. `Mixed_5b.branch1x1.conv.weight`, `fc.weight`).
     """
-    path = path or os.environ.get(WEIGHTS_ENV)
-    if not path or not os.path.isfile(path):
-        where = f"{path!r} does not exist" if path else "no weights file given"
-        raise UserError(f"Inception weights needed ({where}): download {WEIGHTS_URL} and pass it with "
-                        f"--inception-weights PATH or the {WEIGHTS_ENV} environment variable")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    path = resolve(path or os.environ.get(WEIGHTS_ENV) or WEIGHTS_FILE)
+    if not os.path.exists(path):
+        raise UserError(f"Inception weights {path!r} do not exist: pass --inception-weights PATH (or {WEIGHTS_FILE}, "
+                        f"fetched from {WEIGHTS_URL}) or set the {WEIGHTS_ENV} environment variable")
+    state = load_checkpoint(path)  # one clear line for an empty, truncated or foreign file
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     model = FIDInception3()
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    if not isinstance(state, dict):
+        raise UserError(f"{path} holds a {type(state).__name__}, not a state dict: expected {WEIGHTS_FILE} from "
+                        f"{WEIGHTS_URL}")
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # right names, wrong shapes
+        raise UserError(f"{path} does not fit the FID Inception ({str(e).strip().splitlines()[-1].strip()[:160]}): "
+                        f"expected {WEIGHTS_FILE} from {WEIGHTS_URL}") from None
     # Files converted with old torch lack BN's `num_batches_tracked` counters, which are unused in eval.
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing or unexpected:

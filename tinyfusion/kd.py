@@ -1,24 +1,55 @@
 """Masked knowledge distillation (TinyFusion eq. 8) for DiT, SiT and MAR: L = a_KD*L_KD + a_Diff*L_Diff + beta*L_Rep.
 
-- L_Diff: the student's ordinary training loss (DDPM MSE+VB for DiT, the transport loss for SiT).
-- L_KD: MSE between student and teacher outputs on the same noisy input, t and label drops (all
-  output channels, so the learned variance is distilled too). For MAR: the DiffLoss network's
-  outputs for the same orders, mask, noisy tokens and t, over the masked tokens.
-- L_Rep: each mapped student block's output is aligned with a teacher block's output. Massive
-  activations are masked first: per sample, entries of the teacher hidden state further than
-  `mask_std` standard deviations from that sample's mean are zeroed in both hidden states.
-- beta decays linearly from beta_start to beta_end over training.
-The teacher is frozen, in eval mode, outside DDP, and runs under inference mode; with
-teacher_dtype=torch.bfloat16 its weights are stored in bf16 (half the memory) and it runs under
-bf16 autocast whatever the student's precision.
+DiT computes every term with `diffusion.training_losses_kd_rep`, the official API (one implementation
+for scripts written against the official code and for train_masked_kd.py). By default, as the official code:
+- L_Diff: the student's ordinary loss (MSE + VB); a_Diff = 1 - a_KD unless --alpha-diff is given.
+- L_KD: MSE between the student's and teacher's eps channels + vb_kd, the VB term against the teacher's
+  p(x_{t-1}|x_t) (trains the learned variance). Ours (--kd-channels all): MSE over all output channels.
+- L_Rep: each mapped student block's output is aligned with a teacher block's output after masking
+  massive activations: each hidden state is zeroed where it lies 2 std or more from its own per-sample
+  mean (--rep-mask both). Ours (--rep-mask teacher): the difference is masked with the teacher's mask only.
+SiT (transport loss) and MAR (DiffLoss network outputs over the masked tokens) use L_KD = MSE of the
+outputs and the same L_Rep. beta decays linearly from beta_start to beta_end over training.
+The teacher is frozen, in eval mode, outside DDP, and runs under inference mode and the student's
+autocast (fp16 by default on CUDA, as the official code); with teacher_dtype=torch.bfloat16 its weights
+are stored in bf16 (half the memory) and it runs under bf16 autocast whatever the student's precision.
 """
 import contextlib
 import json
 
 import torch
 
-from diffusion import mean_flat
+from diffusion import REP_MASKS, masked_rep_loss, mean_flat
+from diffusion.gaussian_diffusion import store_feature
 from .errors import UserError
+
+
+# The official train_masked_kd.py's fixed tables: student name -> (teacher depth, student blocks, teacher blocks).
+OFFICIAL_LAYER_MAPS = {
+    "DiT-D14/2": (28, list(range(14)), list(range(1, 28, 2))),
+    "DiT-D19/2": (28, [2, 5, 7, 10, 12, 15, 18], [3, 7, 11, 15, 19, 23, 27]),
+    "DiT-D7/2": (14, list(range(7)), list(range(1, 14, 2))),  # from DiT-D14/2
+}
+LAYER_MAP_SOURCES = ("auto", "table", "record")
+
+
+def choose_layer_map(student_name, student_depth, teacher_depth, spec=None, source="auto", record=None):
+    """(pairs, where they came from): --layer-map `spec`, else the official table for the student's name
+    (source "auto" when the teacher depth fits it, or "table"), else the pruning record ("record")."""
+    if spec:
+        return parse_layer_map(spec, student_depth, teacher_depth), "--layer-map"
+    if source not in LAYER_MAP_SOURCES:
+        raise UserError(f"unknown --layer-map-source {source!r}: choose one of {', '.join(LAYER_MAP_SOURCES)}")
+    table = OFFICIAL_LAYER_MAPS.get(student_name)
+    if source == "table" and table is None:
+        raise UserError(f"no official layer-map table for {student_name} (only {', '.join(OFFICIAL_LAYER_MAPS)}): "
+                        f"use --layer-map-source record or --layer-map")
+    if source == "table" and table[0] != teacher_depth:
+        raise UserError(f"the official layer map of {student_name} is for a depth-{table[0]} teacher, not "
+                        f"{teacher_depth}: use --layer-map-source record or --layer-map")
+    if source != "record" and table is not None and table[0] == teacher_depth:
+        return list(zip(table[1], table[2])), "the official table"
+    return layer_map_from_record(record, teacher_depth), "the pruning record"
 
 
 def layer_map_from_record(record, teacher_depth):
@@ -63,16 +94,6 @@ def parse_layer_map(spec, student_depth, teacher_depth):
     return pairs
 
 
-def masked_rep_loss(student_h, teacher_h, mask_std=2.0):
-    """Per-sample MSE of hidden states after zeroing the teacher's outliers (> mask_std std from its mean)."""
-    t = teacher_h.float()
-    dims = tuple(range(1, t.dim()))
-    mean = t.mean(dim=dims, keepdim=True)
-    std = t.std(dim=dims, keepdim=True)
-    keep = ((t - mean).abs() <= mask_std * std).to(student_h.dtype)
-    return mean_flat(((student_h - teacher_h) * keep) ** 2)
-
-
 def _width(model):
     blocks = [b for name in model.block_lists for b in getattr(model, name)]
     return blocks[0].attn.qkv.in_features
@@ -96,20 +117,43 @@ class HiddenStates:
         return out
 
 
+class FrozenTeacher:
+    """The teacher as `training_losses_kd_rep` calls it: under `mode()`, its blocks behind `.module`."""
+
+    def __init__(self, module, mode):
+        self.module, self.mode = module, mode
+
+    def __call__(self, *args, **kwargs):
+        with self.mode():
+            return self.module(*args, **kwargs)
+
+
 class MaskedKDObjective:
-    def __init__(self, base, student, teacher, layer_map, alpha_kd=0.9, alpha_diff=0.1, beta_start=1e-2,
-                 beta_end=0.0, mask_std=2.0, teacher_dtype=None):
+    def __init__(self, base, student, teacher, layer_map, alpha_kd=0.9, alpha_diff=None, beta_start=1e-2,
+                 beta_end=0.0, mask_std=2.0, teacher_dtype=None, rep_mask="both", kd_channels="eps"):
         if _width(student) != _width(teacher):
             raise UserError(f"teacher width {_width(teacher)} differs from student width {_width(student)}: "
                             f"depth-pruned students need a teacher of the same width")
+        if rep_mask not in REP_MASKS:
+            raise UserError(f"unknown --rep-mask {rep_mask!r}: choose one of {', '.join(REP_MASKS)}")
         self.mar = getattr(student, "family", "") == "MAR"
+        self.ddpm = hasattr(base, "diffusion") and not self.mar
         self.base, self.teacher, self.layer_map = base, teacher.eval().requires_grad_(False), layer_map
         self.teacher_dtype = teacher_dtype
         if teacher_dtype is not None:
             teacher.to(teacher_dtype)
-        self.alpha_kd, self.alpha_diff, self.beta_range, self.mask_std = alpha_kd, alpha_diff, (beta_start, beta_end), mask_std
-        self.student_h = HiddenStates(student, [s for s, _ in layer_map])
-        self.teacher_h = HiddenStates(teacher, [t for _, t in layer_map])
+        self.alpha_kd, self.beta_range, self.mask_std = alpha_kd, (beta_start, beta_end), mask_std
+        self.alpha_diff = 1.0 - alpha_kd if alpha_diff is None else alpha_diff
+        self.rep_mask, self.kd_channels = rep_mask, kd_channels
+        if self.ddpm:  # the official set-up: `target_layer` on the student's blocks, `.feature` hooks on both
+            for s, t in layer_map:
+                student.blocks[s].target_layer = t
+                student.blocks[s].register_forward_hook(store_feature)
+                teacher.blocks[t].register_forward_hook(store_feature)
+            self.frozen_teacher = FrozenTeacher(teacher, self.teacher_mode)
+        else:
+            self.student_h = HiddenStates(student, [s for s, _ in layer_map])
+            self.teacher_h = HiddenStates(teacher, [t for _, t in layer_map])
         self.beta = beta_start
 
     def draw(self, n, generator):
@@ -117,31 +161,35 @@ class MaskedKDObjective:
 
     @contextlib.contextmanager
     def teacher_mode(self):
-        """Inference mode (no autograd bookkeeping at all), plus autocast when the teacher's weights are bf16."""
+        """Inference mode (no autograd bookkeeping at all) under the student's autocast, or bf16 autocast when
+        the teacher's weights are bf16."""
         device = next(self.teacher.parameters()).device.type
         low = self.teacher_dtype not in (None, torch.float32)
-        with torch.inference_mode(), torch.autocast(device, dtype=self.teacher_dtype, enabled=low):
+        with torch.inference_mode(), (torch.autocast(device, dtype=self.teacher_dtype) if low else
+                                      contextlib.nullcontext()):
             yield
 
     def begin_step(self, step, total):
         start, end = self.beta_range
         self.beta = start + (end - start) * step / max(total - 1, 1)
 
-    def _noisy_input(self, x, draws):
-        base = self.base
-        if hasattr(base, "diffusion"):
-            return base.diffusion.q_sample(x, draws["t"], noise=draws["noise"]), draws["t"]
-        t = draws["t"].to(x)
-        _, xt, _ = base.transport.path_sampler.plan(t, draws["noise"].to(x), x)
-        return xt, t
-
     def loss(self, model, x, y, draws, step):
-        diff_loss, kd, logs = self._mar_terms(model, x, y, draws) if self.mar else self._dit_terms(model, x, y, draws, step)
+        if self.ddpm:
+            terms = self.base.diffusion.training_losses_kd_rep(
+                model, self.frozen_teacher, x, draws["t"], dict(y=y, force_drop_ids=draws["drop"]),
+                noise=draws["noise"], beta_feat=self.beta, alpha_kd=self.alpha_kd, alpha_diff=self.alpha_diff,
+                kd_channels=self.kd_channels, rep_mask=self.rep_mask, mask_std=self.mask_std)
+            return terms["loss"], self._logs(terms["kd_loss"], terms["gt"], terms["feat_loss"])
+        diff_loss, kd, logs = self._mar_terms(model, x, y, draws) if self.mar else self._sit_terms(model, x, y, draws, step)
         hs, ht = self.student_h.pop(), self.teacher_h.pop()
-        rep = sum(masked_rep_loss(hs[s], ht[t], self.mask_std) for s, t in self.layer_map) / len(self.layer_map)
+        rep = sum(masked_rep_loss(hs[s], ht[t], self.mask_std, self.rep_mask)
+                  for s, t in self.layer_map) / len(self.layer_map)
         total = self.alpha_kd * kd + self.alpha_diff * diff_loss + self.beta * rep
-        return total, {**logs, "kd": kd.mean().detach(), "diff": diff_loss.mean().detach(),
-                       "rep": rep.mean().detach(), "beta": torch.tensor(self.beta)}
+        return total, {**logs, **self._logs(kd, diff_loss, rep)}
+
+    def _logs(self, kd, diff_loss, rep):
+        return {"kd": kd.mean().detach(), "diff": diff_loss.mean().detach(), "rep": rep.mean().detach(),
+                "beta": torch.tensor(self.beta)}
 
     def _mar_terms(self, model, x, y, draws):
         """MAR: KD on the DiffLoss network's prediction for the same noisy tokens, over masked tokens."""
@@ -150,7 +198,7 @@ class MaskedKDObjective:
         sq = ((terms["student_out"] - terms["teacher_out"].to(terms["student_out"].dtype)) ** 2).mean(-1)
         return terms["student_loss"], masked_token_mean(sq, terms["mask"]), {}
 
-    def _dit_terms(self, model, x, y, draws, step):
+    def _sit_terms(self, model, x, y, draws, step):
         captured = {}
 
         def student(*args, **kwargs):  # the base loss calls the model once; keep its output for L_KD
@@ -159,7 +207,8 @@ class MaskedKDObjective:
 
         diff_loss, logs = self.base.loss(student, x, y, draws, step)
         with torch.no_grad():
-            xt, t = self._noisy_input(x, draws)
+            t = draws["t"].to(x)
+            _, xt, _ = self.base.transport.path_sampler.plan(t, draws["noise"].to(x), x)
         with self.teacher_mode():
             teacher_out = self.teacher(xt, t, y, force_drop_ids=draws["drop"])
         kd = mean_flat((captured["out"] - teacher_out.to(captured["out"].dtype)) ** 2)

@@ -12,14 +12,17 @@ from models.lora import apply_lora
 
 
 def prepare_mask_learning(model, groups, delta_w=True, lora=True, lora_rank=8, lora_alpha=None, lr=1e-4,
-                          gate_lr_mult=10.0):
-    """Attach the mask (and LoRA), set requires_grad, and return the optimizer param groups."""
+                          gate_lr_mult=10.0, lora_scope="all"):
+    """Attach the mask (and LoRA), set requires_grad, and return the optimizer param groups.
+    lora_scope "all": LoRA on every nn.Linear of the model, as the official convert_to_lora_model;
+    "blocks": only inside the prunable blocks (ours; the embedders and final layer stay frozen)."""
     layer_mask = LayerMask(groups)
     attach_layer_mask(model, layer_mask)
     model.requires_grad_(False)
     weights = []
     if delta_w and lora:
-        weights = apply_lora(model_blocks(model), rank=lora_rank, alpha=lora_alpha or 2 * lora_rank)
+        weights = apply_lora(model if lora_scope == "all" else model_blocks(model), rank=lora_rank,
+                             alpha=lora_alpha or 2 * lora_rank)
         # the reference sets alpha = 2 * rank (torchtune LoRALinear)
     elif delta_w:
         weights = [p for n, p in model.named_parameters() if not n.startswith("layer_mask.") and n != "pos_embed"]

@@ -161,10 +161,28 @@ def _batch_stats(path, acts, feature, keys):
         if sigma_key not in keys:
             raise UserError(f"{path} stores {mu_key} without {sigma_key}; store both or neither")
         data = np.load(path)
-        return data[mu_key], data[sigma_key]
+        return _finite_stats(path, f"stored {mu_key}/{sigma_key}", data[mu_key], data[sigma_key])
     if feature in acts:
-        return feature_stats(acts[feature])
+        return _finite_stats(path, f"{feature} features", *feature_stats(acts[feature]))
     return None
+
+
+def _finite_stats(path, what, mu, sigma):
+    """NaN/inf statistics would print `FID: nan` and exit 0; stop with the file's name instead."""
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise UserError(f"{path}: the {what} statistics contain NaN or inf: the batch is damaged (or its images "
+                        f"are); recompute or re-download it")
+    return mu, sigma
+
+
+def check_image_sizes(ref_npz, sample_npz):
+    """Reference and sample images must have one resolution: a mismatch is an input error, found before any pass."""
+    ref_shape, sample_shape = validate_sample_batch(ref_npz), validate_sample_batch(sample_npz)
+    if ref_shape[1:3] != sample_shape[1:3]:
+        raise UserError(f"reference {ref_npz} holds {ref_shape[1]}x{ref_shape[2]} images but sample batch "
+                        f"{sample_npz} holds {sample_shape[1]}x{sample_shape[2]}: compare batches of one resolution "
+                        f"(sample at the reference's --image-size, or use the reference batch of that size)")
+    return ref_shape[0], sample_shape[0]
 
 
 def evaluate(ref_npz, sample_npz, extractor: FeatureExtractor, batch_size=64, device="cpu",
@@ -180,9 +198,9 @@ def evaluate(ref_npz, sample_npz, extractor: FeatureExtractor, batch_size=64, de
     if "arr_0" not in ref_keys and "mu" not in ref_keys:
         raise UserError(f"reference {ref_npz} has neither images (arr_0) nor statistics (mu, sigma); "
                         "use an ADM reference batch such as VIRTUAL_imagenet256_labeled.npz")
-    n_sample = validate_sample_batch(sample_npz)[0]
+    n_sample, n_ref = validate_sample_batch(sample_npz)[0], None
     if "arr_0" in ref_keys:
-        n_ref = validate_sample_batch(ref_npz)[0]
+        n_ref, n_sample = check_image_sizes(ref_npz, sample_npz)
         if min(n_ref, n_sample) <= PR_K:  # fail before the slow feature pass
             raise UserError(f"precision/recall needs more than {PR_K} images per batch; "
                             f"got {n_ref} reference and {n_sample} sample images")
@@ -207,11 +225,21 @@ def evaluate(ref_npz, sample_npz, extractor: FeatureExtractor, batch_size=64, de
         for name, f in (("FID", "pool"), ("sFID", "spatial")):
             both = ref_stats[f] is not None and sample_stats[f] is not None
             out[name] = frechet_distance(*sample_stats[f], *ref_stats[f]) if both else None
+            if both:
+                few_images_warning(name, ref_stats[f][0].size, n_ref, n_sample, log)
         if "pool" in ref_acts:
             out["precision"], out["recall"] = precision_recall(ref_acts["pool"], sample_acts["pool"], device=device)
         else:
             out["precision"] = out["recall"] = None
     return out
+
+
+def few_images_warning(name, dim, n_ref, n_sample, log):
+    """FID from fewer images than feature dimensions uses a singular covariance: mostly estimation noise."""
+    n = min(v for v in (n_ref, n_sample) if v is not None)
+    if n <= dim:
+        log(f"warning: {name} from {n} images, no more than the {dim} feature dimensions: its covariance is singular "
+            f"and the value is dominated by estimation error (ADM uses 50,000 samples); do not compare it")
 
 
 def format_report(results):

@@ -11,6 +11,7 @@ import zipfile
 import numpy as np
 
 from tinyfusion.errors import UserError
+from tinyfusion.outputs import check_output_file
 
 MAX_SAVE_IMAGES = 50_000
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -152,39 +153,60 @@ def write_sample_batch(path, images):
         w.write(images)
 
 
-def image_folder_to_npz(image_dir, out_path, num=None, progress=False):
+def image_folder_to_npz(image_dir, out_path, num=None, progress=False, bad_images="stop", log=print):
     """Pack the first `num` images of `image_dir` (sorted names; default all, at most 50,000) into an
-    ADM sample batch. Every image must be RGB and the same size. Returns the number written."""
+    ADM sample batch. Every image must be RGB and the same size. A file that is not a readable image
+    stops the job (naming it) or, with bad_images='skip', is left out with a warning. Returns the number written."""
     from PIL import Image
 
     if not os.path.isdir(image_dir):
         raise UserError(f"--image_dir {image_dir} is not a directory")
+    if num is not None and num < 1:
+        raise UserError(f"--num {num} must be >= 1 (or leave it out to pack every image, at most {MAX_SAVE_IMAGES})")
+    check_output_file(out_path, "--out")
     files = sorted(f for f in os.listdir(image_dir) if f.lower().endswith(IMAGE_EXTENSIONS))
     num = min(len(files), MAX_SAVE_IMAGES) if num is None else num
-    if num <= 0 or len(files) < num:
+    if not files or len(files) < num:
         raise UserError(f"{image_dir} has {len(files)} png/jpg images, need {max(num, 1)}; "
                         "sample more or lower --num")
-    files = files[:num]
+    bar = None
     if progress:
         from tqdm import tqdm
-        files = tqdm(files, desc="packing images")
+        bar = tqdm(total=num, desc="packing images")
 
     writer = None
     try:
         for name in files:
-            with Image.open(os.path.join(image_dir, name)) as im:
-                if im.mode != "RGB":
-                    raise UserError(f"{name} is mode {im.mode}, expected RGB; convert the images to RGB")
-                arr = np.asarray(im)
+            if writer is not None and writer.count == num:
+                break
+            try:
+                with Image.open(os.path.join(image_dir, name)) as im:
+                    mode, arr = im.mode, np.asarray(im)
+            except (OSError, ValueError) as e:  # not an image, or a truncated one
+                if bad_images != "skip":
+                    raise UserError(f"{os.path.join(image_dir, name)} is not a readable image ({type(e).__name__}): "
+                                    f"remove it, or pass --bad-images skip") from None
+                log(f"warning: skipping {os.path.join(image_dir, name)}: not a readable image ({type(e).__name__})")
+                continue
+            if mode != "RGB":
+                raise UserError(f"{name} is mode {mode}, expected RGB; convert the images to RGB")
             if writer is None:
                 first, writer = name, NpzWriter(out_path, num, arr.shape)
             elif arr.shape != writer.row_shape:
                 raise UserError(f"{name} is {arr.shape[1]}x{arr.shape[0]} but {first} is "
                                 f"{writer.row_shape[1]}x{writer.row_shape[0]}; all images must share one size")
             writer.write(arr[None])
+            if bar is not None:
+                bar.update(1)
+        got = 0 if writer is None else writer.count
+        if got < num:
+            raise UserError(f"{image_dir} has only {got} readable images, need {num}; sample more or lower --num")
     except BaseException:
         if writer is not None:
             writer.abort()
         raise
+    finally:
+        if bar is not None:
+            bar.close()
     writer.close()
     return num

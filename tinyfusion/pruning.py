@@ -210,6 +210,20 @@ def _bi_batch(blocks, run):
     return 1.0 - sims  # ShortGPT's BI: low = the block barely changes its input
 
 
+@torch.no_grad()
+def bi_importance_clean(model, batches):
+    """BI as the official prune_by_score.py computes it: the model in eval mode on clean latents, `batches`
+    of (x, t, y) with t passed to the model as is (the official draws t from [0, 250)); importance = 1 - the
+    mean over batches of cosine_similarity(block output, block input, dim=-1).mean()."""
+    blocks, was_training = model_blocks(model), model.training
+    model.eval()
+    try:
+        total = sum(_bi_batch(blocks, lambda: model(x, t, y)) for x, t, y in batches)
+    finally:
+        model.train(was_training)
+    return (total / len(batches)).tolist()
+
+
 def _skip_batch(model, depth, run, method):
     """Per-block loss increase (sensitivity) or output MSE (output error) when that block is skipped."""
     mask = LayerMask([(depth, depth)])  # a single all-keep option; `masks` pins the skips
@@ -251,5 +265,5 @@ def score_blocks(model, method, batches=(), objective=None, seed=0):
     finally:
         model.train(was_training)
     if count == 0:
-        raise UserError("no calibration batches: check --data-path, --calib-batches and --batch-size")
+        raise UserError("no calibration batches: check --data-path, --nsamples and --batch-size")
     return (total / count).tolist()

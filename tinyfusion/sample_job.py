@@ -27,14 +27,16 @@ from tqdm import tqdm
 from models import family_of
 from .checkpoint import atomic_path
 from .cli import create_model, latent_shape_for
+from .download import default_checkpoint, resolve
 from .errors import UserError
 from .npz import NpzWriter
+from .outputs import check_output_dir, check_output_file
 from .sampling import denoiser_precision, load_decoder, make_sampler, per_sample_noise, prepare_denoiser, to_uint8
 
 STREAM_INPUTS, STREAM_STEPS, STREAM_CHUNK = 0, 1, 2
 # Flags that only say where and how many images go: a restart may change them.
 NOT_CONTENT = ("num_fid_samples", "sample_dir", "out", "save_png", "keep_parts", "device", "channels_last",
-               "compile")
+               "compile", "cache_dir")
 
 
 def derived_seed(global_seed, index, stream):
@@ -65,7 +67,7 @@ def to_rgb_uint8(images):
 
 def folder_name(args, sampler_name):
     """The official DiT name, `{model}-{ckpt}-size-{S}-vae-{vae}-cfg-{cfg}-seed-{seed}`, plus the sampler."""
-    ckpt = os.path.splitext(os.path.basename(args.ckpt))[0]
+    ckpt = os.path.splitext(os.path.basename(args.ckpt))[0] if args.ckpt else "pretrained"  # official name
     vae = os.path.basename(os.path.normpath(args.vae)) if args.vae else "none"
     return (f"{args.model.replace('/', '-')}-{ckpt}-size-{args.image_size}-vae-{vae}-"
             f"cfg-{args.cfg_scale}-seed-{args.global_seed}-{sampler_name}")
@@ -98,15 +100,44 @@ class PartStore:
         if os.path.isfile(path):
             with open(path) as f:
                 old = json.load(f)
-            diff = [k for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)]
-            if diff:
-                shown = ", ".join(f"{k}: {old.get(k)!r:.40} -> {settings.get(k)!r:.40}" for k in diff[:4])
+            shown = settings_diff(old, settings)
+            if shown:
                 raise UserError(f"{self.root} holds samples made with other settings ({shown}): rerun with the "
                                 f"original flags, pass another --sample-dir, or delete {self.root}")
         elif write:
             with atomic_path(path) as tmp:
                 with open(tmp, "w") as f:
                     json.dump(settings, f, indent=1)
+
+
+def settings_diff(old, new):
+    """'key: old -> new, ...' for the first keys that differ, '' when the settings are the same."""
+    diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    return ", ".join(f"{k}: {old.get(k)!r:.40} -> {new.get(k)!r:.40}" for k in diff[:4])
+
+
+def settings_path(out_path):
+    """Where the settings of a finished batch are recorded: x.npz -> x.settings.json (the npz stays pure ADM)."""
+    return os.path.splitext(out_path)[0] + ".settings.json"
+
+
+def finished_batch(out_path, record):
+    """True when `out_path` is a finished batch made with exactly `record`; refuses any other existing file,
+    so a finished result is never overwritten."""
+    if not os.path.exists(out_path):
+        return False
+    try:
+        with open(settings_path(out_path)) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        raise UserError(f"{out_path} already exists and has no readable record of how it was made "
+                        f"({settings_path(out_path)}): pass another --out (or --sample-dir), or delete it to sample "
+                        f"again") from None
+    shown = settings_diff(old, record)
+    if shown:
+        raise UserError(f"{out_path} is a finished batch made with other settings ({shown}): pass another --out "
+                        f"(or --sample-dir) for this one, or delete it to replace it")
+    return True
 
 
 def _exit_after():
@@ -140,8 +171,7 @@ def check_args(args):
     if args.global_seed < 0:
         raise UserError(f"--global-seed {args.global_seed} must be >= 0")
     if not args.ckpt:
-        raise UserError("--ckpt is required (this code never downloads weights): pass a trained, pruned or "
-                        "official checkpoint, e.g. --ckpt outputs/D14-Learned-Finetuning/checkpoints/0500000.pt")
+        default_checkpoint(args.model, args.image_size, args.num_classes)  # raises where there is no release
 
 
 def sample_fid_batch(args, rt):
@@ -156,8 +186,15 @@ def sample_fid_batch(args, rt):
     num_chunks = math.ceil(total / bs)
     store = PartStore(folder)
     settings = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_CONTENT}
+    record = json.loads(json.dumps({**settings, "num_fid_samples": total}))  # as it reads back from the record
+    if finished_batch(out_path, record):
+        rt.print(f"{out_path} is already finished ({total:,} samples with these settings): nothing to do")
+        return out_path if rt.is_main else None
+    check_output_file(out_path, "--out")
+    check_output_dir(folder, "--sample-dir")
 
-    model = prepare_denoiser(create_model(args.model, shape, args.num_classes, args.ckpt).to(rt.device).eval(), args)
+    ckpt = resolve(args.ckpt or default_checkpoint(args.model, args.image_size, args.num_classes))  # fetched first
+    model = prepare_denoiser(create_model(args.model, shape, args.num_classes, ckpt).to(rt.device).eval(), args)
     decode = load_decoder(family, args.vae, rt.device, args.channels_last)
     if rt.is_main:
         os.makedirs(store.root, exist_ok=True)
@@ -195,6 +232,9 @@ def sample_fid_batch(args, rt):
     rt.barrier()
     if not rt.is_main:
         return None
+    with atomic_path(settings_path(out_path)) as tmp:  # first: an npz is never left without its record
+        with open(tmp, "w") as f:
+            json.dump(record, f, indent=1)
     npz_shape = merge_parts(store, num_chunks, bs, total, out_path)
     if not args.keep_parts:  # the npz holds them all now; keeping both would double the disk use
         shutil.rmtree(store.root)

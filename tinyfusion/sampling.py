@@ -12,6 +12,7 @@ import os
 import numpy as np
 import torch
 
+from .download import release_of
 from .errors import UserError
 
 DIT_SAMPLERS = ("ddpm", "ddim")
@@ -130,9 +131,9 @@ class MARSampler:
         if args.num_iter < 1:
             raise UserError(f"--num-iter {args.num_iter} must be at least 1 (MAR's default is 64; 256 for the paper FID)")
         vae = getattr(args, "vae", "")  # checked here, before any model is loaded
-        if vae != "" and not os.path.isfile(str(vae)):
+        if vae != "" and not os.path.isfile(str(vae)) and not release_of(str(vae)):
             raise UserError(f"--vae {vae} is not a file: MAR decodes (and its 16-channel latents only become images) "
-                            f"with its own KL-16 VAE; pass --vae <path to MAR's kl16.ckpt>")
+                            f"with its own KL-16 VAE; pass --vae <path to MAR's kl16.ckpt> (or --vae kl16.ckpt: fetched)")
         self.name = f"iter{args.num_iter}-{args.cfg_schedule}-temp{args.temperature}"
 
     def __call__(self, model, z, y, cfg_scale, use_cfg=True, noise_fn=None, progress=False):

@@ -23,7 +23,7 @@ def write_feature_store(path, latents, labels, flipped=None, num_classes=None, v
                 "dtype": "float32", "store": "latents", "scale_factor": scale_factor, "vae": vae,
                 "image_size": image_size or h * (1 if vae == "none" else 8), "channels": c,
                 "num_classes": num_classes, "classes": classes or [str(i) for i in range(num_classes)],
-                "flips": True, "shard_size": n, "num_shards": 1,
+                "flips": True, "shard_size": n, "num_shards": 1, "label_range": [int(labels.min()), int(labels.max())],
                 "shards": [{"latents": "latents-00000.npy", "labels": "labels-00000.npy", "count": n}]}
     with atomic_path(os.path.join(path, "manifest.json")) as tmp:
         with open(tmp, "w") as f:

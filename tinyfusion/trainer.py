@@ -21,16 +21,18 @@ import os
 import time
 
 import torch
+import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from models import set_grad_checkpointing
-from .checkpoint import load_checkpoint, save_checkpoint, save_weights
+from .checkpoint import check_state_dict, load_checkpoint, remove_stale_temporaries, save_checkpoint, save_weights
 from .ema import EMA
 from .errors import UserError
 from .logging import RunLogger
+from .outputs import check_output_dir, check_output_file
 
 
-def add_train_args(parser, lr=1e-4, ema_decay=0.9999, grad_clip=0.0):
+def add_train_args(parser, lr=1e-4, ema_decay=0.9999, grad_clip=0.0, precision="fp32"):
     """Flags shared by every training script (defaults per script via the arguments)."""
     g = parser.add_argument_group("training loop")
     g.add_argument("--results-dir", type=str, default="results")
@@ -45,13 +47,17 @@ def add_train_args(parser, lr=1e-4, ema_decay=0.9999, grad_clip=0.0):
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--grad-clip", type=float, default=grad_clip, help="max global grad norm; 0 disables")
     g.add_argument("--ema-decay", type=float, default=ema_decay)
-    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=precision,
+                   help="autocast dtype; fp16 adds a grad scaler and runs in fp32 on CPU")
     g.add_argument("--global-seed", type=int, default=0)
     g.add_argument("--num-workers", type=int, default=4)
     g.add_argument("--log-every", type=int, default=100)
     g.add_argument("--ckpt-every", type=int, default=50_000)
     g.add_argument("--keep-last", type=int, default=0, help="keep only the last K checkpoints (0 keeps all)")
     g.add_argument("--resume", type=str, default=None, help="a checkpoint path, or 'auto' for the latest one")
+    g.add_argument("--max-nonfinite-steps", type=int, default=100,
+                   help="stop with an error after this many consecutive non-finite (skipped) steps, checked at "
+                        "each log and checkpoint step; 0 never stops")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--grad-checkpointing", action="store_true",
                    help="recompute each block's activations in the backward pass: far less memory, ~1/3 more time")
@@ -143,13 +149,20 @@ class Trainer:
         fused = getattr(args, "fused_adamw", None)
         self.fused = runtime.device.type == "cuda" if fused is None else fused
         self.opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay, fused=self.fused)
-        self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=args.precision == "fp16")
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
+        # fp16 autocast is not usable on CPU: there the fp16 default (the official recipe) trains in fp32.
+        self.precision = "fp32" if args.precision == "fp16" and runtime.device.type != "cuda" else args.precision
+        self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=self.precision == "fp16")
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         self.step = 0
         self.skipped = torch.zeros((), dtype=torch.long, device=runtime.device)  # read only when logged/saved
+        self.nonfinite_run = torch.zeros((), dtype=torch.long, device=runtime.device)  # consecutive, likewise
         if getattr(args, "grad_checkpointing", False):
             set_grad_checkpointing(self.model, True)
         self.logger = logger or RunLogger(self.results_dir, runtime.is_main)
+        if runtime.is_main:
+            remove_stale_temporaries(self.ckpt_dir)  # left by a write that was killed
+        if self.precision != args.precision:
+            self.logger.info(f"--precision fp16 needs CUDA: training in fp32 on {runtime.device.type}")
         net = DDP(self.model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None,
                   find_unused_parameters=ddp_find_unused) if runtime.distributed else self.model
         self.net = torch.compile(net) if args.compile else net
@@ -161,13 +174,16 @@ class Trainer:
         extra = self.objective.state_dict() if hasattr(self.objective, "state_dict") else {}
         return {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
                 "scaler": self.scaler.state_dict(), "train_steps": self.step, "skipped_steps": int(self.skipped),
+                "nonfinite_run": int(self.nonfinite_run),
                 "objective": extra, "args": {k: v for k, v in vars(self.args).items() if _plain(v)}}
 
     def save(self):
+        self.check_nonfinite()
         if self.rt.is_main:
             path = os.path.join(self.ckpt_dir, f"{self.step:07d}.pt")
             save_checkpoint(self.checkpoint_dict(), path)
             self.logger.info(f"saved checkpoint {path}")
+            remove_stale_temporaries(self.ckpt_dir)
             ckpts = sorted(glob.glob(os.path.join(self.ckpt_dir, "[0-9]*.pt")))
             if self.args.keep_last > 0:
                 for old in ckpts[:-self.args.keep_last]:
@@ -185,12 +201,14 @@ class Trainer:
         if not isinstance(ckpt, dict) or "opt" not in ckpt or "train_steps" not in ckpt:
             raise UserError(f"--resume {path} is not a training checkpoint of this code (needs model/ema/opt/"
                             f"train_steps); to start from its weights use --load-weight instead")
+        check_state_dict(self.model, ckpt["model"], getattr(self.args, "model", type(self.model).__name__), path)
         self.model.load_state_dict(ckpt["model"])
         self.ema.load_state_dict(ckpt["ema"])
         self.opt.load_state_dict(ckpt["opt"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.step = ckpt["train_steps"]
         self.skipped.fill_(ckpt.get("skipped_steps", 0))
+        self.nonfinite_run.fill_(ckpt.get("nonfinite_run", 0))
         if hasattr(self.objective, "load_state_dict"):
             self.objective.load_state_dict(ckpt.get("objective", {}))
         self.logger.info(f"resumed from {path} at step {self.step}")
@@ -234,6 +252,7 @@ class Trainer:
             norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         finite = torch.isfinite(loss) & torch.isfinite(norm)
         self.skipped += ~finite  # a non-finite step is skipped and counted, never applied
+        self.nonfinite_run.mul_(~finite).add_(~finite)  # back to 0 on a finite step, on the device (no sync)
         if self.fused and not self.scaler.is_enabled():
             # The fused kernel skips the update (and its step count) where found_inf is set: no sync.
             self.opt.found_inf, self.opt.grad_scale = (~finite).float(), None
@@ -270,14 +289,33 @@ class Trainer:
                 self.save()
         return self
 
+    def check_nonfinite(self):
+        """Stop with one line once --max-nonfinite-steps consecutive steps were skipped (data or lr gone bad)."""
+        limit = getattr(self.args, "max_nonfinite_steps", 0)
+        run = int(self.nonfinite_run)
+        if limit and run >= limit:
+            raise UserError(f"the last {run} steps (up to step {self.step}) all had a non-finite loss or gradient "
+                            f"and were skipped: check the data (NaN/inf latents) and lower --lr; the weights were "
+                            f"not changed by them (--max-nonfinite-steps {limit} sets this limit)")
+
+    def check_progress(self):
+        """Refuse to write a final model when no step of the run was ever applied."""
+        applied = self.step - int(self.skipped)
+        if applied <= 0:
+            raise UserError(f"no training step was applied ({self.step} steps, all skipped as non-finite): not "
+                            f"writing a final model that would equal the initial weights; check the data and --lr")
+
     def finish(self, save_model=None):
         """After fit(): optionally write the EMA weights (official plain state dict), then leave the process group."""
+        if save_model:
+            self.check_progress()
         if save_model and self.rt.is_main:
             save_weights(self.ema.state_dict(), save_model)
             self.logger.info(f"saved EMA weights to {os.path.abspath(save_model)}")
         self.rt.shutdown()
 
     def log(self, mean_loss, steps, seconds, logs):
+        self.check_nonfinite()
         mean_loss = self.rt.all_reduce_mean(mean_loss).item()
         sps = steps / max(seconds, 1e-9)
         values = {"loss": mean_loss, "steps_per_sec": sps, "images_per_sec": sps * self.args.global_batch_size,
@@ -295,13 +333,89 @@ def _plain(v):
     return isinstance(v, (int, float, str, bool, type(None), list, tuple))
 
 
+def check_train_outputs(args):
+    """Before any work: --results-dir and --save-model (when the script has it) must be writable."""
+    check_output_dir(args.results_dir, "--results-dir")
+    check_output_file(getattr(args, "save_model", None), "--save-model")
+
+
+def _decided_on_main_rank(fn, *args):
+    """fn(*args) on rank 0, its result (or its UserError) shared with every rank."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return fn(*args)
+    box = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = fn(*args)
+        except UserError as e:
+            box[0] = e
+    dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], UserError):
+        raise box[0]
+    return box[0]
+
+
+def _claim(path, resume):
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        os.mkdir(path)  # atomic: of two runs that race for one folder, exactly one gets it
+    except FileExistsError:
+        if not (resume and os.path.isdir(path)):
+            raise UserError(f"run folder {path} already exists (an earlier or concurrent run): continue it with "
+                            f"--resume auto, or pick another --prefix") from None
+    except OSError as e:
+        raise UserError(f"cannot create run folder {path} ({e.strerror}): pick a writable --results-dir") from None
+    _hold_lock(path)
+    return path
+
+
+_HELD_LOCKS = {}  # run folder -> open lock file, held until the process exits
+
+
+def _hold_lock(path):
+    """An advisory lock on <run>/.lock for the life of this process: a second live process (e.g. a requeued job
+    whose first copy still runs) cannot --resume into the same folder. The OS drops it when a process dies."""
+    try:
+        import fcntl
+    except ImportError:  # not on POSIX: the exclusive folder creation still separates new runs
+        return
+    key = os.path.realpath(path)
+    if key in _HELD_LOCKS:
+        return
+    f = open(os.path.join(path, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise UserError(f"run folder {path} is in use by another running process: wait for it to end (or stop it) "
+                        f"before resuming, or pick another --prefix") from None
+    _HELD_LOCKS[key] = f
+
+
+def claim_run_dir(path, resume=None):
+    """Create run folder `path` exclusively; an existing one is reused only with --resume."""
+    return _decided_on_main_rank(_claim, path, resume)
+
+
+def _claim_numbered(results_dir, model_name):
+    os.makedirs(results_dir, exist_ok=True)
+    index = len(glob.glob(os.path.join(glob.escape(results_dir), "*")))
+    while True:  # the reference counts entries; a taken number (deleted runs, a concurrent start) moves on
+        path = os.path.join(results_dir, f"{index:03d}-{model_name.replace('/', '-')}")
+        try:
+            os.mkdir(path)
+        except FileExistsError:
+            index += 1
+            continue
+        _hold_lock(path)
+        return path
+
+
 def experiment_dir(args, model_name):
-    """results/<prefix> or results/<NNN>-<model>, the reference's naming."""
+    """results/<prefix> or results/<NNN>-<model> (the reference's naming), claimed for this run."""
     if args.prefix:
-        return os.path.join(args.results_dir, args.prefix)
+        return claim_run_dir(os.path.join(args.results_dir, args.prefix), args.resume)
     if args.resume == "auto":
         raise UserError("--resume auto needs --prefix NAME to know which experiment folder to continue")
-    os.makedirs(args.results_dir, exist_ok=True)
-    index = len(glob.glob(os.path.join(args.results_dir, "*")))
-    return os.path.join(args.results_dir, f"{index:03d}-{model_name.replace('/', '-')}")
+    return _decided_on_main_rank(_claim_numbered, args.results_dir, model_name)
 
