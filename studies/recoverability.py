@@ -319,7 +319,7 @@ def score(study, method):
     with quiet(os.path.join(folder, f"{method}.log")):
         prune_by_score.main(prune_by_score.build_parser().parse_args([
             "--model", "DiT-Tiny/2", "--ckpt", TEACHER, *COMMON, "--method", method, "--n-pruned", "6",
-            "--data-path", study.data, "--calib-batches", "4", "--batch-size", "64", "--seed", "0",
+            "--data-path", study.data, "--nsamples", "256", "--batch-size", "64", "--seed", "0",
             "--save-model", path, "--device", "cpu"]))
     with open(os.path.splitext(path)[0] + ".json") as f:
         record = json.load(f)
