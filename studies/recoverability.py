@@ -430,8 +430,9 @@ def main(argv=None):
     args.finetune_settings = settings["finetune"]
     rows = Rows(os.path.join(args.results, "subnets.jsonl"), settings["subnets"])
     methods = Rows(os.path.join(args.results, "methods.jsonl"), settings["methods"])
-    with open(os.path.join(args.results, f"settings-{rows.hash()}-{methods.hash()}.json"), "w") as f:
-        json.dump(settings, f, indent=1)
+    if args.part != "report":  # a record of the settings behind the rows this run adds
+        with open(os.path.join(args.results, f"settings-{rows.hash()}-{methods.hash()}.json"), "w") as f:
+            json.dump(settings, f, indent=1)
     if args.part in ("enumerate", "all"):
         part_enumerate(Study(args), rows)
     if args.part in ("methods", "all"):
