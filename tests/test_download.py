@@ -47,11 +47,11 @@ class Server:
                 path, rng = self.path.split("?")[0], self.headers.get("Range")
                 time.sleep(server.delay)
                 if path in server.redirect:
+                    server.requests.append((path, rng, 0))  # logged before replying: the client may finish first
                     self.send_response(302)
                     self.send_header("Location", server.redirect[path])
                     self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return server.requests.append((path, rng, 0))
+                    return self.end_headers()
                 if path in server.missing:
                     return self._reply(404, b"<html>Not Found</html>", "text/html", rng)
                 if path in server.html:  # e.g. a share link that now shows a login page
@@ -60,32 +60,32 @@ class Server:
                 if rng:
                     start = int(re.match(r"bytes=(\d+)-", rng).group(1))
                 if start >= len(body):  # as real servers: 416 with the size when the range starts past the end
+                    server.requests.append((path, rng, 0))
                     self.send_response(416)
                     self.send_header("Content-Range", f"bytes */{len(body)}")
                     self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return server.requests.append((path, rng, 0))
+                    return self.end_headers()
                 drops = server.drop_after.get(path) or []
                 n = drops.pop(0) if drops else None
                 status = 206 if rng else 200
+                sent = body[start:] if n is None else body[start:start + n]
+                server.requests.append((path, rng, len(sent)))
                 self.send_response(status)
                 self.send_header("Content-Type", "application/octet-stream")
                 self.send_header("Content-Length", str(len(body) - start))
                 if rng:
                     self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
                 self.end_headers()
-                sent = body[start:] if n is None else body[start:start + n]
                 self.wfile.write(sent)
-                server.requests.append((path, rng, len(sent)))
                 self.close_connection = True
 
             def _reply(self, code, body, kind, rng):
+                server.requests.append((self.path, rng, len(body)))
                 self.send_response(code)
                 self.send_header("Content-Type", kind)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
-                server.requests.append((self.path, rng, len(body)))
 
         class Quiet(http.server.ThreadingHTTPServer):
             def handle_error(self, request, client_address):
