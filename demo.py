@@ -2,6 +2,7 @@
 
     python demo.py                 # about 10 minutes on 2 CPU cores
     python demo.py --full          # the larger budget behind the README table (see --help for its time)
+    python demo.py --family SiT    # the same comparison on the shipped SiT-Tiny/2 teacher (ODE sampler, Euler steps)
 
 A shipped 12-block teacher DiT (assets/digits_teacher.safetensors) is pruned to 6 blocks by
   learned  prune_by_learning.py (1:2 groups, LoRA co-optimisation)      [TinyFusion]
@@ -30,6 +31,8 @@ from tinyfusion.errors import UserError, run_main
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TEACHER = os.path.join(ROOT, "assets", "digits_teacher.safetensors")
+TEACHERS = {"DiT": TEACHER, "SiT": os.path.join(ROOT, "assets", "sit_digits_teacher.safetensors")}
+SAMPLERS = {"DiT": [], "SiT": ["ODE", "--sampling-method", "euler"]}  # SiT: fixed steps, as many as DiT's DDPM
 METHODS = ("learned", "bi", "oracle", "random")
 ORACLE_KEPT = [0, 2, 4, 7, 9, 11]  # BK-SDM: keep the first layer of each encoder pair, the last of each decoder pair
 BUDGETS = {  # steps of mask learning / fine-tuning per method, FID samples, sampling steps
@@ -42,6 +45,7 @@ COMMON = ["--image-size", "8", "--vae", "none", "--channels", "1", "--num-classe
 class Demo:
     def __init__(self, args):
         self.args, self.out = args, os.path.abspath(args.out)
+        self.model = f"{args.family}-Tiny/2"
         self.budget = dict(BUDGETS["full" if args.full else "default"])
         for key in ("prune_steps", "finetune_steps", "samples", "sampling_steps"):
             if getattr(args, key) is not None:
@@ -102,7 +106,7 @@ class Demo:
     def prune(self, seed):
         d, b, out = os.path.join(self.out, f"seed{seed}", "pruned"), self.budget, {}
         os.makedirs(d, exist_ok=True)
-        common = ["--model", "DiT-Tiny/2", *COMMON]
+        common = ["--model", self.model, *COMMON]
         jobs = {
             "learned": ("prune_by_learning.py", ["--groups", "1:2", "--load-weight", self.args.teacher, "--data-path",
                         self.data, "--delta-w", "--lora", "--max-steps", b["prune_steps"], "--global-batch-size",
@@ -130,7 +134,7 @@ class Demo:
             record = json.load(open(os.path.splitext(pruned)[0] + ".json"))
             b = self.budget
             self.run(f"seed{seed}-kd-{method}", "train_masked_kd.py", [
-                "--model", record["pruned_model"], "--load-weight", pruned, "--teacher", "DiT-Tiny/2",
+                "--model", record["pruned_model"], "--load-weight", pruned, "--teacher", self.model,
                 "--load-teacher", self.args.teacher, "--data-path", self.data, *COMMON,
                 "--max-steps", b["finetune_steps"], "--global-batch-size", b["batch"], "--lr", "1e-3",
                 "--lr-min", "1e-4", "--ema-decay", "0.99", "--num-workers", "0", "--log-every", "25",
@@ -144,7 +148,7 @@ class Demo:
         npz, metrics = os.path.join(d, f"{tag}.npz"), os.path.join(d, f"{tag}.json")
         b = self.budget
         if not os.path.isfile(npz):
-            self.run(f"sample-{tag}", "sample_ddp.py", [
+            self.run(f"sample-{tag}", "sample_ddp.py", [*SAMPLERS[self.args.family],
                 "--model", model_name, "--ckpt", ckpt, *COMMON, "--cfg-scale", "1.5",
                 "--guide-all-channels", "--num-sampling-steps", b["sampling_steps"], "--num-fid-samples", b["samples"],
                 "--per-proc-batch-size", "250", "--global-seed", "0", "--sample-dir", os.path.join(d, "parts"),
@@ -168,7 +172,7 @@ class Demo:
     def grid(self, tag, model_name, ckpt):
         path = os.path.join(self.out, f"grid-{tag}.png")
         if not os.path.isfile(path):
-            self.run(f"grid-{tag}", "sample.py", [
+            self.run(f"grid-{tag}", "sample.py", [*SAMPLERS[self.args.family],
                 "--model", model_name, "--ckpt", ckpt, *COMMON, "--cfg-scale", "1.5",
                 "--guide-all-channels", "--num-sampling-steps", self.budget["sampling_steps"], "--seed", "0",
                 "--class-labels", *range(10), *range(10), "--nrow", "10", "--out", path])
@@ -179,10 +183,10 @@ def calibration_loss(model_name, ckpt, data, seed=0, batches=8, batch_size=64):
     """Diffusion loss right after pruning (before any fine-tuning), on fixed data, t and noise."""
     from tinyfusion.cli import create_model
     from tinyfusion.data import open_feature_store
-    from tinyfusion.objectives import DiffusionObjective
+    from tinyfusion.objectives import make_objective
     store = open_feature_store(data)
     model = create_model(model_name, store.latent_shape, 10, ckpt).eval()
-    objective = DiffusionObjective(store.latent_shape, class_dropout_prob=0.0)
+    objective = make_objective(model_name.split("-")[0], store.latent_shape, class_dropout_prob=0.0)
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(store), generator=g)[:batches * batch_size]
     losses = []
@@ -219,12 +223,14 @@ def fmt(v, digits=2):
     return "n/a" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
 
 
-def main(argv=None):
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="demo_report", help="report folder (reused when settings match)")
+    parser.add_argument("--family", default="DiT", choices=sorted(TEACHERS), help="teacher family (DiT-Tiny/2 or SiT-Tiny/2)")
+    parser.add_argument("--out", default=None, help="report folder, reused when settings match (default demo_report, "
+                        "demo_report_sit for SiT)")
     parser.add_argument("--full", action="store_true", help="5x the fine-tuning budget, 2 seeds, 1000 samples (about 35 minutes on 2 cores)")
     parser.add_argument("--overwrite", action="store_true", help="replace a report folder made with other settings")
-    parser.add_argument("--teacher", default=TEACHER)
+    parser.add_argument("--teacher", default=None, help="teacher weights (default: the shipped one of --family)")
     parser.add_argument("--prune-steps", type=int, default=None)
     parser.add_argument("--finetune-steps", type=int, default=None)
     parser.add_argument("--samples", type=int, default=None, help="samples per model for the metrics")
@@ -232,12 +238,19 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
+    args.out = args.out or ("demo_report" if args.family == "DiT" else "demo_report_sit")
+    args.teacher = args.teacher or TEACHERS[args.family]
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     demo = Demo(args)
     demo.check_settings()
     start = time.time()
     demo.prepare()
-    rows = {"teacher (unpruned)": [dict(kept=list(range(12)), model="DiT-Tiny/2", ckpt=args.teacher, calib=None)]}
+    rows = {"teacher (unpruned)": [dict(kept=list(range(12)), model=demo.model, ckpt=args.teacher, calib=None)]}
     for seed in demo.budget["seeds"]:
         pruned = demo.prune(seed)
         for method in METHODS:
@@ -276,13 +289,14 @@ def write_report(demo, table, seconds):
                      f"| {fmt(r['FID'])} | {fmt(r['IS'])} | {fmt(r['precision'], 3)} | {fmt(r['recall'], 3)} "
                      f"| {fmt(r['class_acc'], 3)} |")
     b = demo.budget
-    figure = os.path.join(demo.out, f"seed{b['seeds'][0]}", "pruned", "search-DiT-Tiny-2", "decisions.png")
+    figure = os.path.join(demo.out, f"seed{b['seeds'][0]}", "pruned", f"search-{demo.model.replace('/', '-')}", "decisions.png")
     if os.path.isfile(figure):
         shutil.copy(figure, os.path.join(demo.out, "decisions.png"))
-    report = ["# TinyFusion on the digits dataset", "",
+    sit = demo.args.family == "SiT"
+    report = ["# TinyFusion on the digits dataset" + (f" ({demo.model} teacher)" if sit else ""), "",
               f"Budget: mask learning {b['prune_steps']} steps, masked-KD fine-tuning {b['finetune_steps']} steps per "
-              f"method (batch {b['batch']}), {b['samples']} samples per model with {b['sampling_steps']} DDPM steps "
-              f"(cfg 1.5), seeds {b['seeds']} (metrics are means over seeds). Metrics use the digit classifier's "
+              f"method (batch {b['batch']}), {b['samples']} samples per model with {b['sampling_steps']} "
+              f"{'ODE Euler' if sit else 'DDPM'} steps (cfg 1.5), seeds {b['seeds']} (metrics are means over seeds). Metrics use the digit classifier's "
               f"features against {os.path.basename(demo.ref)} (held-out digits). Total time {seconds / 60:.1f} min.", "",
               *lines, "", "Per seed (FID, class accuracy):", ""]
     for r in table:

@@ -12,7 +12,7 @@ import json
 import os
 
 from tinyfusion.checkpoint import save_weights
-from tinyfusion.digits import (CLASSIFIER_PATH, SPLIT_SEED, DigitsExtractor, class_accuracy, evaluate_teacher,
+from tinyfusion.digits import (CLASSIFIER_PATH, SPLIT_SEED, TEACHER_MODEL, TEACHERS, DigitsExtractor, class_accuracy, evaluate_teacher,
                                load_digits_classifier,
                                load_split, to_uint8_gray, train_classifier, write_digits_data)
 from tinyfusion.errors import run_main
@@ -28,6 +28,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=SPLIT_SEED, help="split seed (and classifier seed)")
     parser.add_argument("--evaluate-teacher", type=int, default=0, metavar="N",
                         help="also sample N digits from the shipped teacher and print accuracy and feature FID")
+    parser.add_argument("--teacher-model", default=TEACHER_MODEL, choices=sorted(TEACHERS),
+                        help="which shipped teacher --evaluate-teacher samples (SiT: ODE, Euler steps)")
     args = parser.parse_args(argv)
 
     n_train, n_test = write_digits_data(args.data_path, args.ref_batch, args.seed)
@@ -45,7 +47,7 @@ def main(argv=None):
         print(f"kept existing classifier {args.classifier} (--retrain-classifier to overwrite)")
     print(f"classifier held-out accuracy: {acc:.4f} ({n_test} digits)")
     if args.evaluate_teacher:
-        evaluate_teacher(args.ref_batch, n=args.evaluate_teacher, classifier=args.classifier)
+        evaluate_teacher(args.ref_batch, n=args.evaluate_teacher, classifier=args.classifier, model=args.teacher_model)
 
 
 if __name__ == "__main__":

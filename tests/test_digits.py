@@ -105,11 +105,13 @@ def test_evaluator_feature_net_digits(data, monkeypatch, capsys):
     assert abs(fid) < 1e-3 and "sFID: n/a" in out  # identical batches: FID 0 by definition
 
 
-def test_shipped_teacher_draws_recognisable_digits(extractor):
-    model = digits.load_digits_teacher()
+@pytest.mark.parametrize("name", sorted(digits.TEACHERS))
+def test_shipped_teacher_draws_recognisable_digits(extractor, name):
+    model = digits.load_digits_teacher(model=name)
     assert (model.depth, model.in_channels, model.input_size, model.num_classes) == (12, 1, 8, 10)
     labels = np.arange(32) % 10
-    imgs = digits.sample_digits(model, labels, num_steps=25, cfg_scale=digits.TEACHER_CFG, seed=0)
+    imgs = digits.sample_digits(model, labels, num_steps=25, cfg_scale=digits.TEACHER_CFG, seed=0,
+                                family=name.split("-")[0])
     assert imgs.shape == (32, 8, 8, 3) and imgs.dtype == np.uint8
     acc = digits.class_accuracy(extractor, imgs, labels)
     assert acc > 0.5, acc  # chance is 0.1
@@ -120,15 +122,18 @@ def test_missing_assets_name_the_rebuild_command(tmp_path):
         digits.load_digits_classifier(tmp_path / "none.safetensors")
     with pytest.raises(UserError, match="train.py --model DiT-Tiny/2"):
         digits.load_digits_teacher(tmp_path / "none.safetensors")
+    with pytest.raises(UserError, match="train.py --model SiT-Tiny/2"):
+        digits.load_digits_teacher(tmp_path / "none.safetensors", model="SiT-Tiny/2")
 
 
 def test_assets_match_their_recorded_checksums_and_commands():
     readme = (ASSETS / "README.md").read_text()
-    card = json.loads((ASSETS / "digits_teacher.json").read_text())
-    for name in ("digits_classifier.safetensors", "digits_teacher.safetensors"):
+    for name in ("digits_classifier.safetensors", "digits_teacher.safetensors", "sit_digits_teacher.safetensors"):
         data = (ASSETS / name).read_bytes()
         assert len(data) < 10 * 2**20
         assert hashlib.sha256(data).hexdigest() in readme
-    assert card["sha256"] == hashlib.sha256((ASSETS / "digits_teacher.safetensors").read_bytes()).hexdigest()
-    assert digits.TEACHER_REBUILD in readme and digits.CLASSIFIER_REBUILD in readme
-    assert card["model"] == digits.TEACHER_MODEL
+    assert digits.CLASSIFIER_REBUILD in readme
+    for model, (path, rebuild) in digits.TEACHERS.items():
+        card = json.loads(Path(path).with_suffix(".json").read_text())
+        assert card["sha256"] == hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        assert rebuild in readme and card["command"] == rebuild and card["model"] == model

@@ -33,12 +33,17 @@ TEACHER_REBUILD = ("python train.py --model DiT-Tiny/2 --data-path data/digits -
                    "--lr-min 1e-5 --warmup-steps 100 --grad-clip 1.0 --ema-decay 0.995 --num-workers 0 "
                    "--log-every 200 --ckpt-every 1000 --prefix digits-teacher --device cpu "
                    "--save-model assets/digits_teacher.safetensors")
+SIT_TEACHER_PATH = os.path.join(ASSETS, "sit_digits_teacher.safetensors")
+SIT_TEACHER_REBUILD = TEACHER_REBUILD.replace("DiT-Tiny/2", "SiT-Tiny/2").replace("digits-teacher", "sit-digits-teacher") \
+    .replace("assets/digits_teacher", "assets/sit_digits_teacher")
 TEACHER_CFG = 1.5  # guidance used for the teacher's recorded sample quality (all channels, see sample_digits)
 
 NUM_CLASSES = 10
 SIZE = 8
 LATENT_SHAPE = (1, SIZE, SIZE)
 TEACHER_MODEL = "DiT-Tiny/2"
+TEACHERS = {"DiT-Tiny/2": (TEACHER_PATH, TEACHER_REBUILD), "SiT-Tiny/2": (SIT_TEACHER_PATH, SIT_TEACHER_REBUILD)}
+SIT_SAMPLER = dict(mode="ODE", sampling_method="euler")  # fixed steps, so NFE matches DiT's DDPM steps
 HELD_OUT_FRACTION = 0.2
 SPLIT_SEED = 0
 
@@ -183,15 +188,15 @@ def load_digits_classifier(path=None, device="cpu"):
 
 # ----------------------------------------------------------------------------- teacher
 
-def load_digits_teacher(path=None, device="cpu"):
-    """The shipped DiT-Tiny/2 teacher (12 blocks, 1 x 8 x 8 inputs, 10 classes), strictly loaded."""
+def load_digits_teacher(path=None, device="cpu", model=TEACHER_MODEL):
+    """A shipped teacher (DiT-Tiny/2 or SiT-Tiny/2: 12 blocks, 1 x 8 x 8 inputs, 10 classes), strictly loaded."""
     from .cli import create_model
-    path = _asset(path, TEACHER_PATH, TEACHER_REBUILD)
-    return create_model(TEACHER_MODEL, LATENT_SHAPE, NUM_CLASSES, path).to(device).eval()
+    path = _asset(path, *TEACHERS[model])
+    return create_model(model, LATENT_SHAPE, NUM_CLASSES, path).to(device).eval()
 
 
-def sample_digits(model, labels, num_steps=50, cfg_scale=1.0, seed=0, sampler="ddpm", device="cpu"):
-    """Class-conditional DiT samples as uint8 (N, 8, 8, 3). Image i's noise comes from its own
+def sample_digits(model, labels, num_steps=50, cfg_scale=1.0, seed=0, sampler="ddpm", device="cpu", family="DiT"):
+    """Class-conditional DiT (DDPM/DDIM) or SiT (ODE, SIT_SAMPLER) samples as uint8 (N, 8, 8, 3). Image i's noise comes from its own
     generator (seed * 2**20 + i), so results do not depend on the batch or the global RNG.
 
     Guidance covers all channels: DiT's official "first 3 channels" rule would, for a 1-channel
@@ -199,7 +204,10 @@ def sample_digits(model, labels, num_steps=50, cfg_scale=1.0, seed=0, sampler="d
     """
     from .sampling import make_sampler, per_sample_noise
     args = argparse.Namespace(mode=None, sampler=sampler, num_sampling_steps=num_steps, guide_all_channels=True)
-    run = make_sampler("DiT", args)
+    if family == "SiT":  # the transport defaults (Linear, velocity) the SiT teacher was trained with
+        args = argparse.Namespace(**{**vars(args), **SIT_SAMPLER}, atol=1e-6, rtol=1e-3, reverse=False, path_type="Linear",
+                                  prediction="velocity", loss_weight=None, train_eps=None, sample_eps=None)
+    run = make_sampler(family, args)
     seeds = [seed * 2**20 + i for i in range(len(labels))]
     noise_fn = per_sample_noise(seeds, device)
     z = noise_fn(torch.empty(len(labels), model.in_channels, model.input_size, model.input_size))
@@ -209,7 +217,8 @@ def sample_digits(model, labels, num_steps=50, cfg_scale=1.0, seed=0, sampler="d
     return to_uint8_gray(x.clamp(-1, 1).cpu())
 
 
-def evaluate_teacher(ref_batch, n=200, num_steps=25, cfg_scale=TEACHER_CFG, teacher=None, classifier=None, log=print):
+def evaluate_teacher(ref_batch, n=200, num_steps=25, cfg_scale=TEACHER_CFG, teacher=None, classifier=None, log=print,
+                     model=TEACHER_MODEL):
     """Class accuracy and digit-feature FID/IS/P/R of `n` teacher samples (classes 0..9 in turn) against the
     held-out reference batch, next to the FID of uniform-noise images (the scale of 'not digits at all')."""
     import tempfile
@@ -217,9 +226,10 @@ def evaluate_teacher(ref_batch, n=200, num_steps=25, cfg_scale=TEACHER_CFG, teac
     from .npz import write_sample_batch
     extractor = DigitsExtractor(load_digits_classifier(classifier))
     labels = np.arange(n) % NUM_CLASSES
-    images = sample_digits(load_digits_teacher(teacher), labels, num_steps=num_steps, cfg_scale=cfg_scale, seed=0)
+    images = sample_digits(load_digits_teacher(teacher, model=model), labels, num_steps=num_steps, cfg_scale=cfg_scale,
+                           seed=0, family=model.split("-")[0])
     noise = np.random.default_rng(0).integers(0, 256, images.shape, dtype=np.uint8)
-    out = {"samples": n, "sampling_steps": num_steps, "cfg_scale": cfg_scale,
+    out = {"model": model, "samples": n, "sampling_steps": num_steps, "cfg_scale": cfg_scale,
            "class_accuracy": class_accuracy(extractor, images, labels),
            "noise_class_accuracy": class_accuracy(extractor, noise, labels)}
     with tempfile.TemporaryDirectory() as tmp:
