@@ -1,14 +1,17 @@
 """Logging in one place: console + `log.txt` + TensorBoard, on the main process only."""
+import itertools
 import logging
 import os
 import sys
+
+_LOGGER_IDS = itertools.count()  # not id(self): a collected logger's id is reused, with its stale handlers
 
 
 class RunLogger:
     def __init__(self, results_dir=None, is_main=True, tensorboard=True):
         self.is_main = is_main
         self.writer = None
-        self.log = logging.getLogger(f"tinyfusion.{id(self)}")
+        self.log = logging.getLogger(f"tinyfusion.run{next(_LOGGER_IDS)}")
         self.log.propagate = False
         self.log.setLevel(logging.INFO if is_main else logging.WARNING)
         if not is_main:
