@@ -211,3 +211,83 @@ def test_bad_folders(tmp_path):
     with pytest.raises(UserError, match="not empty"):
         t2i.save_transformer(tiny("PixArt"), str(tmp_path / "out"))
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["keep.txt"]
+
+
+def plant_harm(kind, block):
+    """Make a block's residual branches large, so keeping it moves the output far."""
+    outs = [block.attn.to_out[0], block.ff.net[2]] if kind == "SD3" else [block.attn1.to_out[0], block.ff.net[2]]
+    with torch.no_grad():
+        for linear in outs:
+            linear.weight.mul_(30)
+
+
+# groups, harmful blocks, the blocks the search must keep
+PLANTED = {"DiT": ([(1, 2), (1, 2)], [1, 2], [0, 3]), "PixArt": ([(1, 2), (1, 2)], [0, 3], [1, 2]),
+           "SD3": ([(1, 2), (1, 1), (1, 1)], [0], [1, 2, 3])}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_learned_mask_finds_planted_blocks(kind):
+    """The project's mask-learning objective, over masked KD towards a teacher that is the model without the
+    harmful blocks (alpha_KD = 1: the teacher defines the optimum), keeps exactly the teacher's blocks."""
+    from tinyfusion.mask_learning import MaskLearningObjective
+    model = tiny(kind)
+    if kind == "DiT":  # one embedder in every block (as converted weights), so block 0 may go
+        for block in model.transformer_blocks[1:]:
+            block.norm1.emb.load_state_dict(model.transformer_blocks[0].norm1.emb.state_dict())
+    groups, harmful, expected = PLANTED[kind]
+    for i in harmful:
+        plant_harm(kind, model.transformer_blocks[i])
+    teacher = pruned_by_hand(model, expected)
+    t2i.check_groups(model, groups)
+    x, cond = inputs(kind, batch=8)
+    torch.manual_seed(0)
+    layer_mask, param_groups = prepare_mask_learning(model.train(), groups, delta_w=False, lr=1e-2)
+    opt = torch.optim.AdamW(param_groups, weight_decay=0)
+    kd = obj.MaskedKDObjective(obj.make_objective(model, (4, 8, 8), cond_drop_prob=0.0), model, teacher,
+                               [(3, len(expected) - 1)], alpha_kd=1.0, alpha_diff=0.0,
+                               beta_start=0.0)  # the output KD alone
+    search = MaskLearningObjective(kd, layer_mask)
+    g, steps = torch.Generator().manual_seed(0), 30
+    for step in range(steps):
+        search.begin_step(step, steps)
+        loss, _ = search.loss(model, x, cond, search.draw(len(x), g), step)
+        opt.zero_grad()
+        loss.mean().backward()
+        opt.step()
+    assert layer_mask.decision() == expected
+    assert min(layer_mask.confidence()) > 0.9
+
+
+def kd_terms(kind, student, teacher, layer_map):
+    x, cond = inputs(kind)
+    base = obj.make_objective(teacher, (4, 8, 8), cond_drop_prob=0.0)
+    kd = obj.MaskedKDObjective(base, student, teacher, layer_map)
+    draws = base.draw(len(x), torch.Generator().manual_seed(0))
+    if "t" in draws:  # t = 0 is the decoder NLL, not a KL: nonzero even for equal models
+        draws["t"] = draws["t"].clamp_min(1)
+    total, logs = kd.loss(student, x, cond, draws, 0)
+    return total, logs
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_masked_kd_is_zero_when_student_is_teacher(kind):
+    teacher = tiny(kind)
+    student = copy.deepcopy(teacher).train()
+    total, logs = kd_terms(kind, student, teacher, [(i, i) for i in range(4)])
+    assert abs(float(logs["kd"])) <= 1e-7 and float(logs["rep"]) == 0.0  # the VB KL rounds to ~1e-9
+    assert float(total.mean()) == pytest.approx(0.1 * float(logs["diff"]), abs=1e-6)  # alpha_diff = 1 - 0.9
+    other = tiny(kind, seed=1)
+    _, logs = kd_terms(kind, other, teacher, [(i, i) for i in range(4)])
+    assert float(logs["kd"]) > 1e-3 and float(logs["rep"]) > 1e-3
+
+
+def test_sd3_rep_loss_compares_the_image_stream():
+    """A student that differs from its teacher only in block 1's text branch: the image stream out of
+    block 1 is still the teacher's (rep = 0), the final output is not (kd > 0)."""
+    teacher = tiny("SD3")
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        student.transformer_blocks[1].ff_context.net[2].bias.add_(10.0)
+    _, logs = kd_terms("SD3", student, teacher, [(1, 1)])
+    assert float(logs["rep"]) == 0.0 and float(logs["kd"]) > 1e-5
