@@ -291,3 +291,15 @@ def test_sd3_rep_loss_compares_the_image_stream():
         student.transformer_blocks[1].ff_context.net[2].bias.add_(10.0)
     _, logs = kd_terms("SD3", student, teacher, [(1, 1)])
     assert float(logs["rep"]) == 0.0 and float(logs["kd"]) > 1e-5
+
+
+def test_prune_benchmark_smoke(capsys):
+    from benchmarks import bench_diffusers_prune
+    threads = torch.get_num_threads()
+    try:
+        rows = bench_diffusers_prune.main(["--smoke", "--device", "cpu"])
+    finally:
+        torch.set_num_threads(threads)
+    assert [r["depth"] for r in rows] == [28, 14]
+    assert rows[1]["speedup"] == pytest.approx(rows[0]["seconds"] / rows[1]["seconds"])
+    assert f"forward speedup {rows[1]['speedup']:.2f}x with 14/28 blocks" in capsys.readouterr().out
