@@ -60,9 +60,17 @@ def load_transformer(path, hub_id=None, dtype=None):
     return prepare(model)
 
 
+def inner(model):
+    """The transformer inside DDP / torch.compile wrappers."""
+    while isinstance(getattr(model, "module", getattr(model, "_orig_mod", None)), torch.nn.Module):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
 def class_name(model):
-    """The supported diffusers class `model` is (also when a layer mask re-classed it), else its own name."""
-    return next((c.__name__ for c in type(model).__mro__ if c.__name__ in SUPPORTED), type(model).__name__)
+    """The supported diffusers class `model` is (also wrapped, or re-classed by a layer mask), else its own name."""
+    cls = type(inner(model))
+    return next((c.__name__ for c in cls.__mro__ if c.__name__ in SUPPORTED), cls.__name__)
 
 
 def prepare(model):
@@ -193,7 +201,7 @@ def forward(model, x, t, cond):
         return model(x, timestep=t, class_labels=cond).sample
     if name == "PixArtTransformer2DModel":
         added = {"resolution": None, "aspect_ratio": None}
-        if model.use_additional_conditions:  # PixArt-alpha 1024: image size and aspect ratio in pixels
+        if inner(model).use_additional_conditions:  # PixArt-alpha 1024: image size and aspect ratio in pixels
             h, w = x.shape[-2] * VAE_SCALE, x.shape[-1] * VAE_SCALE
             added = {"resolution": torch.tensor([[h, w]], dtype=x.dtype, device=x.device).expand(len(x), 2),
                      "aspect_ratio": torch.tensor([[h / w]], dtype=x.dtype, device=x.device).expand(len(x), 1)}

@@ -303,3 +303,48 @@ def test_prune_benchmark_smoke(capsys):
     assert [r["depth"] for r in rows] == [28, 14]
     assert rows[1]["speedup"] == pytest.approx(rows[0]["seconds"] / rows[1]["seconds"])
     assert f"forward speedup {rows[1]['speedup']:.2f}x with 14/28 blocks" in capsys.readouterr().out
+
+
+def test_rectified_flow_objective_matches_the_sd3_formulas():
+    """x_s = (1 - s) x0 + s noise, target noise - x0, model time 1000 s; s shifted as the SD3 scheduler."""
+    model = tiny("SD3")
+    x, cond = inputs("SD3")
+    objective = obj.make_objective(model, (4, 8, 8), cond_drop_prob=0.0)
+    assert isinstance(objective, obj.RectifiedFlowObjective) and objective.shift == 3.0
+    draws = objective.draw(len(x), torch.Generator().manual_seed(0))
+    loss, _ = objective.loss(model, x, cond, draws, 0)
+    s = draws["s"].view(-1, 1, 1, 1)
+    with torch.no_grad():
+        v = model(hidden_states=(1 - s) * x + s * draws["noise"], encoder_hidden_states=cond["prompt_embeds"],
+                  pooled_projections=cond["pooled_prompt_embeds"], timestep=1000 * draws["s"]).sample
+    expected = ((v - (draws["noise"] - x)) ** 2).mean(dim=(1, 2, 3))
+    assert torch.allclose(loss.detach(), expected, atol=1e-6)
+    # the shift is the scheduler's: its sigmas for an unshifted grid u are k u / (1 + (k - 1) u)
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    u = torch.linspace(1, 1 / 1000, 1000)  # the scheduler's own unshifted sigmas
+    assert torch.allclose(scheduler.sigmas.float(), 3 * u / (1 + 2 * u), atol=1e-6)
+    g = torch.Generator().manual_seed(0)
+    u_drawn = torch.sigmoid(torch.randn(len(x), generator=g))  # logit-normal(0, 1)
+    assert torch.allclose(draws["s"], 3 * u_drawn / (1 + 2 * u_drawn))
+
+
+def test_ddpm_objective_uses_the_pixart_schedule():
+    """Training noises latents as PixArt's pipeline schedulers denoise them (linear betas 1e-4..0.02, 1000 steps)."""
+    objective = obj.make_objective(tiny("PixArt"), (4, 8, 8))
+    scheduler = diffusers.DPMSolverMultistepScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear")
+    assert torch.allclose(torch.as_tensor(objective.diffusion.alphas_cumprod), scheduler.alphas_cumprod.double(),
+                          atol=1e-6)
+
+
+def test_conditioning_dropout():
+    drop = torch.tensor([1, 0, 1])
+    dit = tiny("DiT")
+    assert obj.drop_conditioning(dit, torch.tensor([4, 5, 6]), drop).tolist() == [10, 5, 10]  # the null class
+    _, cond = inputs("PixArt")
+    null = {"prompt_embeds": torch.full((TOKENS, 12), 7.0), "prompt_attention_mask": torch.tensor([1, 0, 0, 0, 0])}
+    out = obj.drop_conditioning(dit, cond, drop, null)
+    assert torch.equal(out["prompt_embeds"][1], cond["prompt_embeds"][1])
+    assert (out["prompt_embeds"][[0, 2]] == 7).all()
+    assert out["prompt_attention_mask"].tolist() == [[1, 0, 0, 0, 0], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]]
+    with pytest.raises(UserError, match="empty prompt"):
+        obj.drop_conditioning(dit, cond, drop)

@@ -18,7 +18,7 @@ import os
 import torch
 
 from diffusion import REP_MASKS, create_diffusion, masked_rep_loss, mean_flat
-from models.diffusers_t2i import class_name, forward, image_stream
+from models.diffusers_t2i import class_name, forward, image_stream, inner
 from .errors import UserError
 from .kd import HiddenStates
 
@@ -39,7 +39,7 @@ def drop_conditioning(model, cond, drop, null_cond=None):
     if not bool(drop.any()):
         return cond
     if torch.is_tensor(cond):  # class labels: the null class is the last embedding row
-        return torch.where(drop.bool().to(cond.device), model.config.num_embeds_ada_norm, cond)
+        return torch.where(drop.bool().to(cond.device), inner(model).config.num_embeds_ada_norm, cond)
     if null_cond is None:
         raise UserError("text conditioning dropout needs the empty prompt's embeddings (null_cond); "
                         "set the dropout probability to 0 or extract the empty prompt too")
