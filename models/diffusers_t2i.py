@@ -14,6 +14,7 @@ stays unless every block's timestep/class embedder is the same (as in converted 
 """
 import json
 import os
+import re
 
 import torch
 
@@ -28,8 +29,16 @@ def is_diffusers_spec(name):
     return isinstance(name, str) and name.startswith(PREFIX)
 
 
+def spec_folder(name):
+    """The folder of a model name 'diffusers:<folder>'."""
+    return name[len(PREFIX):] if is_diffusers_spec(name) else name
+
+
 def transformer_folder(path, hub_id=None):
-    """The transformer's folder: `path` itself, or `path/transformer` for a pipeline folder."""
+    """The transformer's folder: `path` itself, or `path/transformer` for a pipeline folder. A missing `path`
+    that looks like a hub id ('org/name') is named as the id to fetch."""
+    if hub_id is None and not os.path.exists(path) and re.fullmatch(r"[\w.-]+/[\w.-]+", path):
+        hub_id = path
     fetch = (f" (fetch it with `huggingface-cli download {hub_id} --local-dir <dir>` and pass "
              f"diffusers:<dir>/transformer)") if hub_id else ""
     if not os.path.isdir(path):
@@ -54,7 +63,7 @@ def transformer_folder(path, hub_id=None):
 def load_transformer(path, hub_id=None, dtype=None):
     """A supported diffusers transformer from a local folder (offline), prepared for the layer mask."""
     import diffusers
-    folder, class_name = transformer_folder(path, hub_id)
+    folder, class_name = transformer_folder(spec_folder(path), hub_id)
     kwargs = {"torch_dtype": dtype} if dtype is not None else {}
     model = getattr(diffusers, class_name).from_pretrained(folder, local_files_only=True, **kwargs)
     return prepare(model)

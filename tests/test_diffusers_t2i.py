@@ -198,6 +198,9 @@ def test_bad_folders(tmp_path):
         t2i.load_transformer(str(tmp_path / "nope"))
     with pytest.raises(UserError, match="huggingface-cli download PixArt-alpha/PixArt-XL-2-256x256"):
         t2i.load_transformer(str(tmp_path / "nope"), hub_id="PixArt-alpha/PixArt-XL-2-256x256")
+    with pytest.raises(UserError, match="folder PixArt-alpha/PixArt-XL-2-256x256 does not exist .fetch it with "
+                                        "`huggingface-cli download PixArt-alpha/PixArt-XL-2-256x256"):
+        t2i.load_transformer("diffusers:PixArt-alpha/PixArt-XL-2-256x256")  # a hub id, not a local folder
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="not a diffusers model folder"):
         t2i.load_transformer(str(tmp_path / "empty"))
