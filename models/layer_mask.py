@@ -288,10 +288,11 @@ class LayerMask(nn.Module):
 
     def rows(self, index):
         """(kept, dropped): index tensors of the samples that keep / drop global block `index` in this pass;
-        None when this pass's masks are not all 0 or 1 (soft or pinned fractions: no sample drops a block)."""
+        None when this pass's masks are not all 0 or 1 to rounding (soft masks or pinned fractions: the split
+        would treat every m > 0 as 1)."""
         if self._rows_of is not self.current:  # one host copy of the masks per pass (one sync on a GPU)
             host = self.current.detach().to("cpu")
-            binary = bool(((host == 0) | (host == 1)).all())
+            binary = bool(torch.minimum(host.abs(), (host - 1).abs()).max() <= BINARY_TOLERANCE)
             self._rows_of, self._rows = self.current, {"keep": host != 0, "binary": binary}
         if not self._rows["binary"]:
             return None
@@ -300,6 +301,10 @@ class LayerMask(nn.Module):
             self._rows[index] = tuple(torch.nonzero(k).flatten().to(device) for k in (keep, ~keep))
         return self._rows[index]
 
+
+# A mask within this of 0 or 1 counts as hard for the split forward (masks built as hard + soft - soft.detach()
+# can be an ulp off 1, which changes the result only by rounding).
+BINARY_TOLERANCE = 1e-6
 
 # Methods that start a pass through the blocks: each one draws fresh masks. MAR routes every pass
 # (training, KD features, each sampling step) through `forward_pass`; DiT/SiT through `forward`.
