@@ -89,6 +89,13 @@ def loss_along_mask(block, others, values, batches=4, batch_size=256, seed=0):
     return out
 
 
+def estimator_name(settings):
+    """The gate gradient a run of this script measured, from its settings."""
+    if settings.get("soft"):
+        return "soft-mask"
+    return {"st": "straight-through"}.get(settings.get("gate_estimator", "st"), settings.get("gate_estimator"))
+
+
 def table(pattern, groups, estimator="straight-through"):
     lines = [f"### {pattern}: first-step gate signal (frozen teacher, tau 4, scaling 100)", "",
              f"| group | option (kept) | {estimator} grad of its logit | samples | mean loss of those samples |",
@@ -122,8 +129,7 @@ def main(argv=None):
         json.dump({"settings": vars(args), "patterns": result, "mask_values": values, "loss_along_mask": paths},
                   f, indent=1)
     for p, groups in result.items():
-        name = "soft-mask" if args.soft else {"st": "straight-through"}.get(args.gate_estimator, args.gate_estimator)
-        print("\n".join(table(p, groups, name)) + "\n")
+        print("\n".join(table(p, groups, estimator_name(vars(args)))) + "\n")
     print("\n".join(path_table(values, paths)))
 
 

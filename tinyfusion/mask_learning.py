@@ -16,7 +16,8 @@ option. Options, combinable:
   - gate_estimator "score-function": the gates learn from whole-option losses, REINFORCE with a
     leave-one-out baseline: grad = mean_i (L_i - mean_{j!=i} L_j) d log p(option_i) / d logits, unbiased for
     the gradient of the expected loss; the weights (LoRA) still get their ordinary gradient through the
-    hard masks, and blocks a sample drops are not run for it.
+    hard masks, and blocks a sample drops are not run for it. During soft-mask steps the gates learn from
+    the soft masks' own gradient instead.
 """
 import torch
 
