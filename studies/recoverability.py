@@ -67,6 +67,11 @@ SEARCHES = {
     "2:4 frozen lr1e-3": ("2:4", "frozen", 1e-3, 100, [0], []),
     "6:12 full lr1e-3": ("6:12", "full", 1e-3, 100, [0], []),
     "6:12 frozen lr1e-3": ("6:12", "frozen", 1e-3, 100, [0], []),
+    # the 1:4 block-0 puzzle (README section 5): gate estimators other than straight-through (ours)
+    "1:4 lora lr1e-3 soft 20": ("1:4", "lora", 1e-3, 100, [0], ["--soft-mask-steps", "20"]),
+    "1:4 lora lr1e-3 draws 4": ("1:4", "lora", 1e-3, 100, [0], ["--draws-per-sample", "4"]),
+    "1:4 lora lr1e-3 score-function": ("1:4", "lora", 1e-3, 100, [0], ["--gate-estimator", "score-function"]),
+    "1:4 frozen lr1e-3 score-function": ("1:4", "frozen", 1e-3, 100, [0], ["--gate-estimator", "score-function"]),
 }
 SCORES = ("bi", "sensitivity", "output-error", "magnitude")
 
