@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from tinyfusion.errors import UserError, run_main
+from core.errors import UserError
+from tinyfusion.errors import run_main
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TEACHER = os.path.join(ROOT, "assets", "digits_teacher.safetensors")

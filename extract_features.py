@@ -11,7 +11,8 @@ layouts) with tinyfusion.data.open_feature_store.
 """
 import argparse
 
-from tinyfusion.errors import UserError, run_main
+from core.errors import UserError
+from tinyfusion.errors import run_main
 from tinyfusion.features import extract_features
 from tinyfusion.runtime import setup_runtime
 

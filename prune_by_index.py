@@ -14,7 +14,8 @@ import torch
 from models import build_model
 from tinyfusion.checkpoint import check_state_dict, read_weights
 from tinyfusion.cli import add_image_args, latent_shape_for, model_kwargs
-from tinyfusion.errors import UserError, run_main
+from core.errors import UserError
+from tinyfusion.errors import run_main
 from tinyfusion.outputs import check_output_file
 from tinyfusion.pruning import ORACLE_KEPT, parse_kept_indices, pruned_summary, write_pruned
 

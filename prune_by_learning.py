@@ -16,7 +16,8 @@ from models import family_of
 from models.layer_mask import is_preset, parse_groups, resolve_preset
 from tinyfusion.checkpoint import read_weights
 from tinyfusion.cli import add_model_args, create_model, open_training_data
-from tinyfusion.errors import UserError, run_main
+from core.errors import UserError
+from tinyfusion.errors import run_main
 from tinyfusion.mask_learning import MaskLearningObjective, plot_decisions, prepare_mask_learning
 from tinyfusion.objectives import add_transport_args, make_objective
 from tinyfusion.pruning import pruned_summary, write_pruned

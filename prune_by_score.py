@@ -22,7 +22,8 @@ import torch
 from models import build_model, family_of
 from tinyfusion.checkpoint import load_weights
 from tinyfusion.cli import add_image_args, latent_shape_for, model_kwargs
-from tinyfusion.errors import UserError, run_main
+from core.errors import UserError
+from tinyfusion.errors import run_main
 from tinyfusion.objectives import add_transport_args, make_objective
 from tinyfusion.outputs import check_output_file
 from tinyfusion.pruning import (SCORE_METHODS, bi_importance_clean, check_n_pruned, choose_removed, pruned_summary,

@@ -14,7 +14,8 @@ from torchvision.utils import save_image
 from models import family_of
 from tinyfusion.cli import add_image_args, create_model, latent_shape_for
 from tinyfusion.download import default_checkpoint, resolve
-from tinyfusion.errors import UserError, run_main
+from core.errors import UserError
+from tinyfusion.errors import run_main
 from tinyfusion.objectives import add_transport_args
 from tinyfusion.outputs import check_output_file
 from tinyfusion.runtime import seed_everything, setup_runtime

@@ -18,7 +18,8 @@ import torch
 
 from models import family_of
 from tinyfusion.cli import add_model_args, create_model, open_training_data
-from tinyfusion.errors import UserError, run_main
+from core.errors import UserError
+from tinyfusion.errors import run_main
 from diffusion import REP_MASKS
 from tinyfusion.kd import LAYER_MAP_SOURCES, MaskedKDObjective, choose_layer_map
 from tinyfusion.objectives import add_transport_args, make_objective

@@ -22,7 +22,8 @@ import torch
 from models import family_of
 from tinyfusion.cli import add_image_args, create_model, latent_shape_for
 from tinyfusion.digits import TEACHER_PATH, load_split
-from tinyfusion.errors import UserError, run_main
+from core.errors import UserError
+from tinyfusion.errors import run_main
 from tinyfusion.kd import HiddenStates
 from tinyfusion.objectives import make_objective
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from benchmarks.common import add_common_args, fmt_ratio, hardware, markdown_table, ratio, resolve, sync
 from tinyfusion.data import open_feature_store
-from tinyfusion.errors import UserError
+from core.errors import UserError
 from tinyfusion.runtime import Runtime
 from tinyfusion.synthetic import write_feature_store
 from tinyfusion.trainer import GlobalBatchSampler, Trainer

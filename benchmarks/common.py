@@ -16,7 +16,7 @@ import torch
 
 from models import build_model, family_of
 from tinyfusion.cli import create_model, latent_shape_for
-from tinyfusion.errors import UserError
+from core.errors import UserError
 
 SMOKE_WIDTH = dict(hidden_size=64, num_heads=4)  # DiT/SiT smoke models: real depth, tiny width
 

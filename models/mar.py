@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from tinyfusion.errors import UserError
+from core.errors import UserError
 
 from .diffloss import DiffLoss
 from .dit import Mlp as _GeluMlp

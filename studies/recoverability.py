@@ -39,7 +39,8 @@ from tinyfusion.checkpoint import read_weights  # noqa: E402
 from tinyfusion.cli import create_model  # noqa: E402
 from tinyfusion.digits import (DigitsExtractor, class_accuracy, load_digits_classifier, load_split,  # noqa: E402
                                sample_digits, write_digits_data)
-from tinyfusion.errors import UserError, run_main  # noqa: E402
+from core.errors import UserError  # noqa: E402
+from tinyfusion.errors import run_main  # noqa: E402
 from tinyfusion.metrics import evaluate  # noqa: E402
 from tinyfusion.npz import write_sample_batch  # noqa: E402
 from tinyfusion.objectives import DiffusionObjective  # noqa: E402

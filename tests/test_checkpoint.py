@@ -8,7 +8,7 @@ import torch
 
 from models import DiT_models
 from tinyfusion.checkpoint import load_weights, read_weights, save_checkpoint, save_weights
-from tinyfusion.errors import UserError
+from core.errors import UserError
 
 
 def tiny(depth=4, **kw):

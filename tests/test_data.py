@@ -10,7 +10,7 @@ from PIL import Image
 
 from tinyfusion.data import (BaseFeatureStore, FeatureStore, MarCacheStore, ReferenceFeatureStore, center_crop_arr,
                              image_transform, open_feature_store, open_image_folder)
-from tinyfusion.errors import UserError
+from core.errors import UserError
 
 
 def write_sharded_store(root, latents, labels, shard_size, store="latents", scale=0.18215):

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from scipy.stats import norm
 
 from diffusion import create_diffusion, discretized_gaussian_log_likelihood, space_timesteps
-from tinyfusion.errors import UserError
+from core.errors import UserError
 
 GOLDEN = Path(__file__).parent / "fixtures" / "official_tiny.safetensors"
 

@@ -12,7 +12,7 @@ from sklearn.datasets import load_digits
 
 from tinyfusion import digits
 from tinyfusion.data import open_feature_store
-from tinyfusion.errors import UserError
+from core.errors import UserError
 from tinyfusion.metrics import evaluate
 from tinyfusion.npz import write_sample_batch
 

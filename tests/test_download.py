@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from tinyfusion import download as dl
-from tinyfusion.errors import UserError
+from core.errors import UserError
 
 NAME = "TinyDiT-D14-MaskedKD-500K.pt"
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from models import build_model
-from tinyfusion.errors import UserError, run_main
+from core.errors import UserError
+from tinyfusion.errors import run_main
 from tinyfusion.kd import MaskedKDObjective, choose_layer_map, layer_map_from_record, masked_rep_loss, parse_layer_map
 from tinyfusion.objectives import DiffusionObjective
 

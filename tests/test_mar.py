@@ -11,7 +11,7 @@ import torch
 from models import MAR_models, build_model, family_of
 from models.mar import MAR, cfg_at
 from models.registry import UnknownModelError
-from tinyfusion.errors import UserError
+from core.errors import UserError
 
 KEYS = Path(__file__).parent / "fixtures" / "keys"
 BLOCK_PARAMS = lambda d: 12 * d * d + 13 * d  # one ViT block (mar.md section 2)

@@ -18,7 +18,7 @@ from models import MAR_models, build_model
 from models.layer_mask import LayerMask, attach_layer_mask
 from tinyfusion.checkpoint import read_weights, save_weights
 from tinyfusion.cli import create_model
-from tinyfusion.errors import UserError
+from core.errors import UserError
 from tinyfusion.mar_objectives import MARObjective, mar_kd_terms, mar_param_groups, masked_token_mean
 from tinyfusion.objectives import make_objective
 from tinyfusion.synthetic import write_feature_store

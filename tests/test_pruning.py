@@ -12,7 +12,8 @@ import torch
 
 from models import DiT, build_model
 from tinyfusion.checkpoint import load_weights, read_weights, save_weights
-from tinyfusion.errors import UserError, run_main
+from core.errors import UserError
+from tinyfusion.errors import run_main
 from tinyfusion.objectives import DiffusionObjective
 from tinyfusion.pruning import (ORACLE_KEPT, choose_removed, kept_state_dict, parse_kept_indices, pruned_model_name,
                                 read_record, save_pruned, score_blocks)

@@ -25,7 +25,7 @@ from tinyfusion.checkpoint import atomic_path, load_checkpoint, save_checkpoint,
 from tinyfusion.cli import latent_shape_for
 from tinyfusion.data import open_feature_store
 from tinyfusion.digits import DigitsExtractor, load_digits_classifier
-from tinyfusion.errors import UserError
+from core.errors import UserError
 from tinyfusion.features import extract_features
 from tinyfusion.inception import load_inception
 from tinyfusion.npz import write_sample_batch

@@ -7,7 +7,7 @@ import scipy.stats
 
 from studies.rank_stats import average_ranks, bootstrap_interval, kendall_tau_b, percentile, spearman
 from studies.recoverability import all_subnets, constrained_pick, fits, main
-from tinyfusion.errors import UserError
+from core.errors import UserError
 
 
 def test_rank_correlations_match_scipy_with_ties():

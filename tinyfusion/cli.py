@@ -3,9 +3,9 @@ import argparse
 import os
 
 from models import build_model, family_of
+from core.errors import UserError
 from .checkpoint import load_weights
 from .download import CACHE_ENV, DEFAULT_CACHE
-from .errors import UserError
 
 
 class _SetCacheDir(argparse.Action):

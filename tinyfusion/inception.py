@@ -20,7 +20,7 @@ from torchvision.models.inception import BasicConv2d, InceptionA, InceptionB, In
 
 from tinyfusion.checkpoint import load_checkpoint
 from tinyfusion.download import RELEASES, resolve
-from tinyfusion.errors import UserError
+from core.errors import UserError
 
 WEIGHTS_ENV = "TINYFUSION_INCEPTION_WEIGHTS"
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"

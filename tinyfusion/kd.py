@@ -21,7 +21,7 @@ import torch
 
 from diffusion import REP_MASKS, masked_rep_loss, mean_flat
 from diffusion.gaussian_diffusion import store_feature
-from .errors import UserError
+from core.errors import UserError
 
 
 # The official train_masked_kd.py's fixed tables: student name -> (teacher depth, student blocks, teacher blocks).

@@ -26,7 +26,7 @@ import torch
 
 from models.layer_mask import model_blocks
 from models.mar import mask_by_order
-from .errors import UserError
+from core.errors import UserError
 
 
 def unwrap(model):

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 
 from models.layer_mask import LayerMask, attach_layer_mask, detach_layer_mask, model_blocks
 
+from core.errors import UserError
 from .checkpoint import atomic_path, check_state_dict, save_weights
-from .errors import UserError
 
 # BK-SDM "oracle" for XL -> D14 (the README once had 14 instead of 15; this is the fixed list).
 ORACLE_KEPT = {28: [0, 2, 4, 6, 8, 10, 12, 15, 17, 19, 21, 23, 25, 27]}

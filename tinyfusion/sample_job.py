@@ -25,10 +25,10 @@ import torch
 from tqdm import tqdm
 
 from models import family_of
+from core.errors import UserError
 from .checkpoint import atomic_path
 from .cli import create_model, latent_shape_for
 from .download import default_checkpoint, resolve
-from .errors import UserError
 from .npz import NpzWriter
 from .outputs import check_output_dir, check_output_file
 from .sampling import denoiser_precision, load_decoder, make_sampler, per_sample_noise, prepare_denoiser, to_uint8
