@@ -180,7 +180,7 @@ def load_decoder(family, vae, device, channels_last=False):
     if family == "MAR" and vae not in (None, "none"):
         from models.kl16 import MAR_LATENT_SCALE, load_kl16
         fmt = torch.channels_last if channels_last else torch.contiguous_format
-        kl16 = load_kl16(resolve(vae))  # the release name kl16.ckpt is fetched first.to(device, memory_format=fmt)
+        kl16 = load_kl16(resolve(vae)).to(device, memory_format=fmt)  # resolve: the release kl16.ckpt is fetched first
         return lambda z: kl16.decode((z / MAR_LATENT_SCALE).contiguous(memory_format=fmt)).clamp(-1, 1).contiguous()
     from .vae import load_vae
     return load_vae(vae, device, channels_last=channels_last).decode
