@@ -14,9 +14,10 @@ from types import SimpleNamespace
 
 import torch
 
-from models import build_model, family_of
-from tinyfusion.cli import create_model, latent_shape_for
 from core.errors import UserError
+from models import build_model
+from tinyfusion.cli import create_model, latent_shape_for
+from tinyfusion.families import family_for
 
 SMOKE_WIDTH = dict(hidden_size=64, num_heads=4)  # DiT/SiT smoke models: real depth, tiny width
 
@@ -61,8 +62,8 @@ def bench_model(name, image_size, smoke=False, num_classes=1000, **kwargs):
     seconds. `kwargs` override constructor keywords (e.g. depth, or MAR's encoder/decoder_depth).
     """
     shape = latent_shape(name, image_size)
-    if smoke and family_of(name) == "MAR":
-        return _tiny_mar(name, image_size, **kwargs)
+    if smoke and family_for(name).name in SMOKE_BUILDERS:
+        return SMOKE_BUILDERS[family_for(name).name](name, image_size, **kwargs)
     return create_model(name, shape, num_classes, **{**(SMOKE_WIDTH if smoke else {}), **kwargs})
 
 
@@ -75,6 +76,9 @@ def _tiny_mar(name, image_size, **kwargs):
                   decoder_num_heads=4, encoder_depth=len(ref.encoder_blocks), decoder_depth=len(ref.decoder_blocks),
                   buffer_size=4, diffloss_d=1, diffloss_w=64, num_sampling_steps="2")
     return MAR(**{**config, **kwargs})
+
+
+SMOKE_BUILDERS = {"MAR": _tiny_mar}  # families whose registry fixes the width
 
 
 def half_depth(model):

@@ -24,7 +24,7 @@ sys.path.insert(0, ROOT)
 from tinyfusion.digits import load_digits_teacher, load_split  # noqa: E402
 from tinyfusion.errors import run_main  # noqa: E402
 from tinyfusion.mask_learning import prepare_mask_learning  # noqa: E402
-from tinyfusion.objectives import DiffusionObjective  # noqa: E402
+from tinyfusion.families.dit import DiffusionObjective  # noqa: E402
 from models.layer_mask import parse_groups  # noqa: E402
 
 

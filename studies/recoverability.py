@@ -43,7 +43,7 @@ from core.errors import UserError  # noqa: E402
 from tinyfusion.errors import run_main  # noqa: E402
 from tinyfusion.metrics import evaluate  # noqa: E402
 from tinyfusion.npz import write_sample_batch  # noqa: E402
-from tinyfusion.objectives import DiffusionObjective  # noqa: E402
+from tinyfusion.families.dit import DiffusionObjective  # noqa: E402
 from tinyfusion.pruning import write_pruned  # noqa: E402
 
 TEACHER = os.path.join(ROOT, "assets", "digits_teacher.safetensors")

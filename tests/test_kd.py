@@ -7,7 +7,7 @@ from models import build_model
 from core.errors import UserError
 from tinyfusion.errors import run_main
 from tinyfusion.kd import MaskedKDObjective, choose_layer_map, layer_map_from_record, masked_rep_loss, parse_layer_map
-from tinyfusion.objectives import DiffusionObjective
+from tinyfusion.families.dit import DiffusionObjective
 
 
 def test_mask_zeroes_exactly_the_entries_beyond_two_std():

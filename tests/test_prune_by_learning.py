@@ -10,7 +10,7 @@ from models import build_model
 from prune_by_learning import main as prune_main
 from test_train import make_store
 from tinyfusion.checkpoint import load_weights, read_weights, save_weights
-from tinyfusion.objectives import DiffusionObjective
+from tinyfusion.families.dit import DiffusionObjective
 from tinyfusion.runtime import Runtime
 from tinyfusion.trainer import Trainer
 

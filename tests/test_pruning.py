@@ -14,7 +14,7 @@ from models import DiT, build_model
 from tinyfusion.checkpoint import load_weights, read_weights, save_weights
 from core.errors import UserError
 from tinyfusion.errors import run_main
-from tinyfusion.objectives import DiffusionObjective
+from tinyfusion.families.dit import DiffusionObjective
 from tinyfusion.pruning import (ORACLE_KEPT, choose_removed, kept_state_dict, parse_kept_indices, pruned_model_name,
                                 read_record, save_pruned, score_blocks)
 from test_layer_mask import TINY, tiny_model
