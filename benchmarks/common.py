@@ -15,12 +15,8 @@ from types import SimpleNamespace
 import torch
 
 from core.errors import UserError
-from models import build_model
 from tinyfusion.cli import create_model, latent_shape_for
 from tinyfusion.families import family_for
-
-SMOKE_WIDTH = dict(hidden_size=64, num_heads=4)  # DiT/SiT smoke models: real depth, tiny width
-
 
 def add_common_args(parser):
     parser.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu",
@@ -62,23 +58,7 @@ def bench_model(name, image_size, smoke=False, num_classes=1000, **kwargs):
     seconds. `kwargs` override constructor keywords (e.g. depth, or MAR's encoder/decoder_depth).
     """
     shape = latent_shape(name, image_size)
-    if smoke and family_for(name).name in SMOKE_BUILDERS:
-        return SMOKE_BUILDERS[family_for(name).name](name, image_size, **kwargs)
-    return create_model(name, shape, num_classes, **{**(SMOKE_WIDTH if smoke else {}), **kwargs})
-
-
-def _tiny_mar(name, image_size, **kwargs):
-    # MAR's registry fixes the width, so the smoke model is built directly, with the registry's depths
-    from models.mar import MAR
-    with torch.device("meta"):  # the registry's depths, without allocating the real model
-        ref = build_model(name, img_size=image_size)
-    config = dict(img_size=image_size, encoder_embed_dim=64, encoder_num_heads=4, decoder_embed_dim=64,
-                  decoder_num_heads=4, encoder_depth=len(ref.encoder_blocks), decoder_depth=len(ref.decoder_blocks),
-                  buffer_size=4, diffloss_d=1, diffloss_w=64, num_sampling_steps="2")
-    return MAR(**{**config, **kwargs})
-
-
-SMOKE_BUILDERS = {"MAR": _tiny_mar}  # families whose registry fixes the width
+    return create_model(name, shape, num_classes, **{**(family_for(name).smoke_kwargs if smoke else {}), **kwargs})
 
 
 def half_depth(model):

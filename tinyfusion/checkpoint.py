@@ -74,12 +74,14 @@ def read_weights(name_or_path):
     return read_state_dict(resolve(name_or_path))
 
 
-def guess_family(state_dict):
-    if any(k.startswith("encoder_blocks.") for k in state_dict):
-        return "MAR"
-    if "x_embedder.proj.weight" in state_dict:
-        return "DiT/SiT"
-    return "unknown"
+def _families_mismatch(model, state_dict):
+    """(families whose weights `state_dict` looks like, the model's family), when the model's is not among them."""
+    from .families import FAMILIES
+    model_family = next((f.name for f in FAMILIES if f.owns_model(model)), None)
+    file_families = [f.name for f in FAMILIES if f.owns_state_dict(state_dict)]
+    if model_family and file_families and model_family not in file_families:
+        return "/".join(file_families), model_family
+    return None
 
 
 def _summarize(keys, n=4):
@@ -109,10 +111,10 @@ def check_state_dict(model, state_dict, model_name, path):
     """Raise one UserError naming missing / unexpected / wrong-shape keys if the weights do not fit."""
     expected = model.state_dict()
     family = getattr(model, "family", type(model).__name__)
-    got_family = guess_family(state_dict)
-    if got_family != "unknown" and family not in got_family:
-        raise UserError(f"{path} is a {got_family} checkpoint but --model {model_name} is a {family} model: "
-                        f"pick a {got_family} model name")
+    mismatch = _families_mismatch(model, state_dict)
+    if mismatch:
+        raise UserError(f"{path} is a {mismatch[0]} checkpoint but --model {model_name} is a {mismatch[1]} model: "
+                        f"pick a {mismatch[0]} model name")
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     shapes = [k for k in expected if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)]

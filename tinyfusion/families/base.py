@@ -25,6 +25,8 @@ class Family:
     model_classes = ()           # the nn.Module classes this family builds
     kd_beta = 1e-2               # masked KD's default initial L_Rep weight (paper Table 6)
     fixed_step_sampler_argv = ()  # sampling-script flags for a sampler with exactly --num-sampling-steps steps
+    smoke_kwargs = dict(hidden_size=64, num_heads=4)  # constructor keywords: same depth, tiny width (smoke runs)
+    weight_key_prefixes = ()     # state-dict keys that mark this family's weights (a clear error for a wrong --model)
 
     # ------------------------------------------------------------------ names and models
 
@@ -34,6 +36,9 @@ class Family:
 
     def owns_model(self, model):
         return type(unwrap(model)) in self.model_classes
+
+    def owns_state_dict(self, state_dict):
+        return any(k.startswith(p) for k in state_dict for p in self.weight_key_prefixes)
 
     def describe(self):
         """A few valid model names, for the unknown-model message."""

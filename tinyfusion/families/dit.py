@@ -66,6 +66,7 @@ class DiTSampler:
 
 class DiTFamily(Family):
     name, registry, model_classes = "DiT", DiT_models, (DiT,)
+    weight_key_prefixes = ("x_embedder.proj.weight",)
 
     def objective(self, latent_shape, args=None, class_dropout_prob=0.1):
         return DiffusionObjective(latent_shape, class_dropout_prob)

@@ -219,6 +219,9 @@ class MARSampler:
 
 class MARFamily(Family):
     name, registry, model_classes = "MAR", MAR_models, (MAR,)
+    weight_key_prefixes = ("encoder_blocks.",)
+    smoke_kwargs = dict(encoder_embed_dim=64, encoder_num_heads=4, decoder_embed_dim=64, decoder_num_heads=4,
+                        buffer_size=4, diffloss_d=1, diffloss_w=64, num_sampling_steps="2")
 
     def latent_shape(self, args, store=None):
         """16 x image/16 x image/16 (KL-16 latents)."""

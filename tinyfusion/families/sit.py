@@ -87,6 +87,7 @@ class SiTSampler:
 
 class SiTFamily(Family):
     name, registry, model_classes = "SiT", SiT_models, (SiT,)
+    weight_key_prefixes = ("x_embedder.proj.weight",)
     kd_beta = 2e-4  # paper Table 6
     fixed_step_sampler_argv = ("ODE", "--sampling-method", "euler")
 
