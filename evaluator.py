@@ -15,8 +15,8 @@ import math
 
 import torch
 
-from tinyfusion.cli import add_cache_arg
 from core.errors import UserError
+from tinyfusion.cli import add_cache_arg
 from tinyfusion.errors import run_main
 from tinyfusion.inception import WEIGHTS_ENV, WEIGHTS_FILE, InceptionExtractor, load_inception
 from tinyfusion.metrics import evaluate, format_report

@@ -11,11 +11,11 @@ import argparse
 
 import torch
 
+from core.errors import UserError
 from tinyfusion.checkpoint import check_state_dict, read_weights
 from tinyfusion.cli import add_image_args, latent_shape_for
-from tinyfusion.families import family_for
-from core.errors import UserError
 from tinyfusion.errors import run_main
+from tinyfusion.families import family_for
 from tinyfusion.outputs import check_output_file
 from tinyfusion.pruning import ORACLE_KEPT, parse_kept_indices, pruned_summary, write_pruned
 

@@ -12,13 +12,13 @@ weights of the kept blocks, renumbered, plus a JSON record of the decision.
 import argparse
 import os
 
+from core.errors import UserError
 from models.layer_mask import is_preset, parse_groups, resolve_preset
 from tinyfusion.checkpoint import read_weights
 from tinyfusion.cli import add_model_args, add_transport_args, create_model, open_training_data
-from core.errors import UserError
 from tinyfusion.errors import run_main
-from tinyfusion.mask_learning import MaskLearningObjective, plot_decisions, prepare_mask_learning
 from tinyfusion.families import family_for
+from tinyfusion.mask_learning import MaskLearningObjective, plot_decisions, prepare_mask_learning
 from tinyfusion.pruning import pruned_summary, write_pruned
 from tinyfusion.runtime import seed_everything, setup_runtime
 from tinyfusion.trainer import Trainer, add_train_args, check_train_outputs, claim_run_dir

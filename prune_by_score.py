@@ -19,8 +19,8 @@ import argparse
 
 import torch
 
-from tinyfusion.cli import add_image_args, add_transport_args, latent_shape_for
 from core.errors import UserError
+from tinyfusion.cli import add_image_args, add_transport_args, latent_shape_for
 from tinyfusion.errors import run_main
 from tinyfusion.families import family_for
 from tinyfusion.outputs import check_output_file

@@ -11,9 +11,9 @@ import argparse
 import torch
 from torchvision.utils import save_image
 
+from core.errors import UserError
 from tinyfusion.cli import add_image_args, add_transport_args, create_model, latent_shape_for
 from tinyfusion.download import default_checkpoint, resolve
-from core.errors import UserError
 from tinyfusion.errors import run_main
 from tinyfusion.families import family_for
 from tinyfusion.outputs import check_output_file

@@ -16,12 +16,12 @@ import argparse
 
 import torch
 
-from tinyfusion.cli import add_model_args, add_transport_args, create_model, open_training_data
 from core.errors import UserError
-from tinyfusion.errors import run_main
 from diffusion import REP_MASKS
-from tinyfusion.kd import LAYER_MAP_SOURCES, MaskedKDObjective, choose_layer_map
+from tinyfusion.cli import add_model_args, add_transport_args, create_model, open_training_data
+from tinyfusion.errors import run_main
 from tinyfusion.families import family_for
+from tinyfusion.kd import LAYER_MAP_SOURCES, MaskedKDObjective, choose_layer_map
 from tinyfusion.pruning import read_record
 from tinyfusion.runtime import seed_everything, setup_runtime
 from tinyfusion.trainer import Trainer, add_train_args, check_train_outputs, experiment_dir

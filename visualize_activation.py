@@ -19,9 +19,9 @@ import os
 import numpy as np
 import torch
 
+from core.errors import UserError
 from tinyfusion.cli import add_image_args, create_model, latent_shape_for
 from tinyfusion.digits import TEACHER_PATH, load_split
-from core.errors import UserError
 from tinyfusion.errors import run_main
 from tinyfusion.families import family_for
 from tinyfusion.kd import HiddenStates

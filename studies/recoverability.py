@@ -34,16 +34,16 @@ sys.path.insert(0, ROOT)
 import prune_by_learning  # noqa: E402  (the real scripts, called in-process: no interpreter start per subnet)
 import prune_by_score  # noqa: E402
 import train_masked_kd  # noqa: E402
+from core.errors import UserError  # noqa: E402
 from models.layer_mask import parse_groups  # noqa: E402
 from tinyfusion.checkpoint import read_weights  # noqa: E402
 from tinyfusion.cli import create_model  # noqa: E402
 from tinyfusion.digits import (DigitsExtractor, class_accuracy, load_digits_classifier, load_split,  # noqa: E402
                                sample_digits, write_digits_data)
-from core.errors import UserError  # noqa: E402
 from tinyfusion.errors import run_main  # noqa: E402
+from tinyfusion.families.dit import DiffusionObjective  # noqa: E402
 from tinyfusion.metrics import evaluate  # noqa: E402
 from tinyfusion.npz import write_sample_batch  # noqa: E402
-from tinyfusion.families.dit import DiffusionObjective  # noqa: E402
 from tinyfusion.pruning import write_pruned  # noqa: E402
 
 TEACHER = os.path.join(ROOT, "assets", "digits_teacher.safetensors")

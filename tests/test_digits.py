@@ -10,9 +10,9 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
+from core.errors import UserError
 from tinyfusion import digits
 from tinyfusion.data import open_feature_store
-from core.errors import UserError
 from tinyfusion.metrics import evaluate
 from tinyfusion.npz import write_sample_batch
 

@@ -16,8 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tinyfusion import download as dl
 from core.errors import UserError
+from tinyfusion import download as dl
 
 NAME = "TinyDiT-D14-MaskedKD-500K.pt"
 

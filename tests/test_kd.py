@@ -3,11 +3,11 @@ import numpy as np
 import pytest
 import torch
 
-from models import build_model
 from core.errors import UserError
+from models import build_model
 from tinyfusion.errors import run_main
-from tinyfusion.kd import MaskedKDObjective, choose_layer_map, layer_map_from_record, masked_rep_loss, parse_layer_map
 from tinyfusion.families.dit import DiffusionObjective
+from tinyfusion.kd import MaskedKDObjective, choose_layer_map, layer_map_from_record, masked_rep_loss, parse_layer_map
 
 
 def test_mask_zeroes_exactly_the_entries_beyond_two_std():

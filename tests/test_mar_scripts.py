@@ -14,11 +14,11 @@ import torch
 from PIL import Image
 
 import models.mar as mar
+from core.errors import UserError
 from models import MAR_models, build_model
 from models.layer_mask import LayerMask, attach_layer_mask
 from tinyfusion.checkpoint import read_weights, save_weights
 from tinyfusion.cli import create_model
-from core.errors import UserError
 from tinyfusion.families import family_for
 from tinyfusion.families.mar import MARObjective, mar_kd_terms, mar_param_groups, masked_token_mean
 from tinyfusion.synthetic import write_feature_store

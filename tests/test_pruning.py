@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from core.errors import UserError
 from models import DiT, build_model
 from tinyfusion.checkpoint import load_weights, read_weights, save_weights
-from core.errors import UserError
 from tinyfusion.errors import run_main
 from tinyfusion.families.dit import DiffusionObjective
 from tinyfusion.pruning import (ORACLE_KEPT, choose_removed, kept_state_dict, parse_kept_indices, pruned_model_name,

@@ -24,8 +24,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from models import set_grad_checkpointing
 from core.errors import UserError
+from models import set_grad_checkpointing
 from .checkpoint import check_state_dict, load_checkpoint, remove_stale_temporaries, save_checkpoint, save_weights
 from .ema import EMA
 from .logging import RunLogger
