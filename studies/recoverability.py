@@ -376,8 +376,10 @@ def part_methods(study, methods, rows):
 def settings_of(args):
     kd_defaults = vars(train_masked_kd.build_parser().parse_args(["--data-path", "-", "--load-teacher", "-"]))
     kd_defaults = {k: v for k, v in kd_defaults.items() if k not in ("data_path", "load_teacher")}
-    code = {p: file_sha(os.path.join(ROOT, p)) for p in ("tinyfusion/kd.py", "tinyfusion/mask_learning.py",
-                                                         "models/layer_mask.py", "tinyfusion/trainer.py")}
+    # the code behind the rows: DiT's objective and official KD terms (families/dit.py), KD, search, training loop
+    code = {p: file_sha(os.path.join(ROOT, p)) for p in ("tinyfusion/families/dit.py", "tinyfusion/kd.py",
+                                                         "tinyfusion/mask_learning.py", "models/layer_mask.py",
+                                                         "tinyfusion/trainer.py")}
     teacher = file_sha(TEACHER)
     return {
         "subnets": {"teacher": teacher, "calib_items": args.calib_items, "heldout_repeats": args.heldout_repeats,
