@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tinyfusion.errors import UserError
+from core.errors import UserError
 
 # name: (base registry model, groups). The DiT names are the reference's; SiT and MAR mirror them.
 _DIT_PATTERNS = {

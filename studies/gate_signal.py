@@ -23,11 +23,11 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from models.layer_mask import parse_groups  # noqa: E402
 from tinyfusion.digits import load_digits_teacher, load_split  # noqa: E402
 from tinyfusion.errors import run_main  # noqa: E402
+from tinyfusion.families.dit import DiffusionObjective  # noqa: E402
 from tinyfusion.mask_learning import GATE_ESTIMATORS, MaskLearningObjective, prepare_mask_learning  # noqa: E402
-from tinyfusion.objectives import DiffusionObjective  # noqa: E402
-from models.layer_mask import parse_groups  # noqa: E402
 
 
 def gate_signal(pattern, batches=8, batch_size=256, seed=0, estimator="st", soft=False):

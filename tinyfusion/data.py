@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import UserError
+from core.errors import UserError
 from .vae import gaussian_noise, sample_moments
 
 FORMAT_VERSION = 1

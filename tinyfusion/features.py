@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from core.errors import UserError
 from .checkpoint import atomic_path
 from .data import FORMAT_VERSION, drop_unreadable_images, open_image_folder, unreadable_images
-from .errors import UserError
 from .outputs import check_output_dir
 from .runtime import setup_runtime
 from .vae import gaussian_noise, load_vae, sample_moments

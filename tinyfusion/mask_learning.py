@@ -23,7 +23,7 @@ import torch
 
 from models.layer_mask import LayerMask, attach_layer_mask, model_blocks
 from models.lora import apply_lora
-from tinyfusion.errors import UserError
+from core.errors import UserError
 
 GATE_ESTIMATORS = ("st", "score-function")
 

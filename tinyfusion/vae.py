@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from .errors import UserError
+from core.errors import UserError
 
 VAE_SHORTCUTS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
 SD_SCALE = 0.18215  # sd-vae-ft-{ema,mse}; a local folder's config.scaling_factor wins if it has one
