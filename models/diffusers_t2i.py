@@ -18,7 +18,7 @@ import re
 
 import torch
 
-from tinyfusion.errors import UserError
+from core.errors import UserError
 
 SUPPORTED = ("DiTTransformer2DModel", "PixArtTransformer2DModel", "SD3Transformer2DModel")
 PREFIX = "diffusers:"
@@ -87,7 +87,7 @@ def prepare(model):
     name = class_name(model)
     if name not in SUPPORTED:
         raise UserError(f"{name} is not supported; supported diffusers transformers: {', '.join(SUPPORTED)}")
-    model.block_lists = ("transformer_blocks",)
+    model.block_lists, model.depth = ("transformer_blocks",), len(model.transformer_blocks)
     if name == "SD3Transformer2DModel":
         for block in model.transformer_blocks:
             block.residual_stream = JOINT_STREAM
@@ -122,6 +122,10 @@ class JointStream:
         n = kwargs["image_tokens"]
         return (None if block.context_pre_only else out[:, n:]), out[:, :n]
 
+    def io(self, block, args, kwargs, output):
+        """(input, output) image tokens of one block call (what block scores such as BI compare)."""
+        return {**dict(zip(self.NAMES, args)), **kwargs}["hidden_states"], output[1]
+
     def __deepcopy__(self, memo):  # stateless: EMA copies share it
         return self
 
@@ -136,19 +140,24 @@ def image_stream(block_output):
 
 def required_blocks(model):
     """Block indices every pruning must keep (see the module docstring)."""
-    blocks = model.transformer_blocks
-    name = class_name(model)
+    return required_blocks_of(class_name(model), model.state_dict())
+
+
+def required_blocks_of(name, state_dict):
+    """required_blocks from a state dict of a model of class `name`."""
+    prefix = "transformer_blocks."
+    depth = 1 + max(int(k.split(".")[1]) for k in state_dict if k.startswith(prefix))
     if name == "SD3Transformer2DModel":
-        return [len(blocks) - 1]
+        return [depth - 1]
     if name == "DiTTransformer2DModel":
-        first = blocks[0].norm1.emb.state_dict()
-        same = all(all(torch.equal(v, b.norm1.emb.state_dict()[k]) for k, v in first.items()) for b in blocks[1:])
+        first = {k[len(prefix) + 2:]: v for k, v in state_dict.items() if k.startswith(prefix + "0.norm1.emb.")}
+        same = all(torch.equal(v, state_dict[f"{prefix}{i}.{k}"]) for i in range(1, depth) for k, v in first.items())
         return [] if same else [0]
     return []
 
 
-def _why(model, index):
-    if class_name(model) == "SD3Transformer2DModel":
+def _why(name):
+    if name == "SD3Transformer2DModel":
         return "SD3's last block (context_pre_only) must be kept"
     return "the final layer of this DiT uses block 0's embedder and the blocks' embedders differ"
 
@@ -161,25 +170,31 @@ def check_groups(model, groups):
         for r in required_blocks(model):
             if start <= r < start + m and n < m:
                 raise UserError(f"group {g} ({n}:{m}, blocks {start}-{start + m - 1}) may drop block {r}, but "
-                                f"{_why(model, r)}: put it in a group that keeps all of its blocks, e.g. "
+                                f"{_why(class_name(model))}: put it in a group that keeps all of its blocks, e.g. "
                                 f"end the pattern with [1,1]")
         start += m
 
 
 def check_kept(model, kept):
-    missing = [r for r in required_blocks(model) if r not in set(kept)]
+    check_kept_of(class_name(model), model.state_dict(), kept)
+
+
+def check_kept_of(name, state_dict, kept):
+    """One line if the kept blocks miss a required one or are not distinct block indices."""
+    required = required_blocks_of(name, state_dict)
+    missing = [r for r in required if r not in set(kept)]
     if missing:
-        raise UserError(f"the kept blocks {sorted(kept)} drop block {missing[0]}, but {_why(model, missing[0])}")
-    depth = len(model.transformer_blocks)
+        raise UserError(f"the kept blocks {sorted(kept)} drop block {missing[0]}, but {_why(name)}")
+    depth = 1 + max(int(k.split(".")[1]) for k in state_dict if k.startswith("transformer_blocks."))
     if not kept or any(not 0 <= k < depth for k in kept) or len(set(kept)) != len(kept):
         raise UserError(f"kept blocks {list(kept)} must be distinct indices in 0..{depth - 1}")
 
 
-def pruned_config(model, kept):
+def pruned_config(config, kept):
     """The config changes for keeping the blocks `kept` (ascending original indices)."""
     update = {"num_layers": len(kept)}
-    if "dual_attention_layers" in model.config:
-        dual = set(model.config.dual_attention_layers)
+    if "dual_attention_layers" in config:
+        dual = set(config["dual_attention_layers"])
         update["dual_attention_layers"] = tuple(new for new, old in enumerate(kept) if old in dual)
     return update
 
@@ -188,9 +203,10 @@ def prune_transformer(model, kept):
     """Keep the blocks `kept` (in place, in original order) and update the config. Returns the model."""
     kept = sorted(int(k) for k in kept)
     check_kept(model, kept)
-    update = pruned_config(model, kept)
+    update = pruned_config(model.config, kept)
     model.transformer_blocks = torch.nn.ModuleList([model.transformer_blocks[k] for k in kept])
     model.register_to_config(**update)
+    model.depth = len(kept)
     return model
 
 

@@ -428,6 +428,13 @@ class _MaskedBlock:
         return _SplitMix.apply(m, f_kept, f_dropped, x, x_kept, kept, dropped)
 
 
+def block_io(block, args, kwargs, output):
+    """(input, output) residual stream of one block call (forward hook arguments): the block's first argument
+    and its output, or what its `residual_stream` adapter names (diffusers' SD3 blocks: the image tokens)."""
+    stream = getattr(block, "residual_stream", None)
+    return (args[0], output) if stream is None else stream.io(block, args, kwargs, output)
+
+
 _CLASS_CACHE = {}
 
 

@@ -8,12 +8,18 @@ import torch
 import diffusers
 from models import diffusers_t2i as t2i
 from models.layer_mask import LayerMask, attach_layer_mask, detach_layer_mask
-from tinyfusion import diffusers_objectives as obj
-from tinyfusion.errors import UserError
+from core.errors import UserError
+from tinyfusion.families import diffusers as fam
+from tinyfusion.families import family_for, family_of_model
+from tinyfusion.kd import MaskedKDObjective
 from tinyfusion.mask_learning import prepare_mask_learning
 
 KINDS = ("DiT", "PixArt", "SD3")
 BATCH, TOKENS = 3, 5
+
+
+def objective(model, cond_drop_prob=0.0):
+    return family_of_model(model).objective((4, 8, 8), None, class_dropout_prob=cond_drop_prob)
 
 
 def tiny(kind, num_layers=4, seed=0):
@@ -247,7 +253,7 @@ def test_learned_mask_finds_planted_blocks(kind):
     torch.manual_seed(0)
     layer_mask, param_groups = prepare_mask_learning(model.train(), groups, delta_w=False, lr=1e-2)
     opt = torch.optim.AdamW(param_groups, weight_decay=0)
-    kd = obj.MaskedKDObjective(obj.make_objective(model, (4, 8, 8), cond_drop_prob=0.0), model, teacher,
+    kd = MaskedKDObjective(objective(model), model, teacher,
                                [(3, len(expected) - 1)], alpha_kd=1.0, alpha_diff=0.0,
                                beta_start=0.0)  # the output KD alone
     search = MaskLearningObjective(kd, layer_mask)
@@ -264,8 +270,8 @@ def test_learned_mask_finds_planted_blocks(kind):
 
 def kd_terms(kind, student, teacher, layer_map):
     x, cond = inputs(kind)
-    base = obj.make_objective(teacher, (4, 8, 8), cond_drop_prob=0.0)
-    kd = obj.MaskedKDObjective(base, student, teacher, layer_map)
+    base = objective(teacher)
+    kd = MaskedKDObjective(base, student, teacher, layer_map)
     draws = base.draw(len(x), torch.Generator().manual_seed(0))
     if "t" in draws:  # t = 0 is the decoder NLL, not a KL: nonzero even for equal models
         draws["t"] = draws["t"].clamp_min(1)
@@ -312,10 +318,10 @@ def test_rectified_flow_objective_matches_the_sd3_formulas():
     """x_s = (1 - s) x0 + s noise, target noise - x0, model time 1000 s; s shifted as the SD3 scheduler."""
     model = tiny("SD3")
     x, cond = inputs("SD3")
-    objective = obj.make_objective(model, (4, 8, 8), cond_drop_prob=0.0)
-    assert isinstance(objective, obj.RectifiedFlowObjective) and objective.shift == 3.0
-    draws = objective.draw(len(x), torch.Generator().manual_seed(0))
-    loss, _ = objective.loss(model, x, cond, draws, 0)
+    flow = objective(model)
+    assert isinstance(flow, fam.RectifiedFlowObjective) and flow.shift == 3.0
+    draws = flow.draw(len(x), torch.Generator().manual_seed(0))
+    loss, _ = flow.loss(model, x, cond, draws, 0)
     s = draws["s"].view(-1, 1, 1, 1)
     with torch.no_grad():
         v = model(hidden_states=(1 - s) * x + s * draws["noise"], encoder_hidden_states=cond["prompt_embeds"],
@@ -333,21 +339,21 @@ def test_rectified_flow_objective_matches_the_sd3_formulas():
 
 def test_ddpm_objective_uses_the_pixart_schedule():
     """Training noises latents as PixArt's pipeline schedulers denoise them (linear betas 1e-4..0.02, 1000 steps)."""
-    objective = obj.make_objective(tiny("PixArt"), (4, 8, 8))
+    ddpm = objective(tiny("PixArt"), 0.1)
     scheduler = diffusers.DPMSolverMultistepScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear")
-    assert torch.allclose(torch.as_tensor(objective.diffusion.alphas_cumprod), scheduler.alphas_cumprod.double(),
+    assert torch.allclose(torch.as_tensor(ddpm.diffusion.alphas_cumprod), scheduler.alphas_cumprod.double(),
                           atol=1e-6)
 
 
 def test_conditioning_dropout():
     drop = torch.tensor([1, 0, 1])
     dit = tiny("DiT")
-    assert obj.drop_conditioning(dit, torch.tensor([4, 5, 6]), drop).tolist() == [10, 5, 10]  # the null class
+    assert fam.drop_conditioning(dit, torch.tensor([4, 5, 6]), drop).tolist() == [10, 5, 10]  # the null class
     _, cond = inputs("PixArt")
     null = {"prompt_embeds": torch.full((TOKENS, 12), 7.0), "prompt_attention_mask": torch.tensor([1, 0, 0, 0, 0])}
-    out = obj.drop_conditioning(dit, cond, drop, null)
+    out = fam.drop_conditioning(dit, cond, drop, null)
     assert torch.equal(out["prompt_embeds"][1], cond["prompt_embeds"][1])
     assert (out["prompt_embeds"][[0, 2]] == 7).all()
     assert out["prompt_attention_mask"].tolist() == [[1, 0, 0, 0, 0], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]]
     with pytest.raises(UserError, match="empty prompt"):
-        obj.drop_conditioning(dit, cond, drop)
+        fam.drop_conditioning(dit, cond, drop)

@@ -95,8 +95,10 @@ def parse_layer_map(spec, student_depth, teacher_depth):
 
 
 def _width(model):
-    blocks = [b for name in model.block_lists for b in getattr(model, name)]
-    return blocks[0].attn.qkv.in_features
+    """The residual-stream width: the input width of the first block's attention projection (qkv, or
+    diffusers' to_q)."""
+    block = [b for name in model.block_lists for b in getattr(model, name)][0]
+    return next(m.in_features for n, m in block.named_modules() if n.split(".")[-1] in ("qkv", "to_q"))
 
 
 class HiddenStates:

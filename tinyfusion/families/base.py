@@ -27,6 +27,7 @@ class Family:
     fixed_step_sampler_argv = ()  # sampling-script flags for a sampler with exactly --num-sampling-steps steps
     smoke_kwargs = dict(hidden_size=64, num_heads=4)  # constructor keywords: same depth, tiny width (smoke runs)
     weight_key_prefixes = ()     # state-dict keys that mark this family's weights (a clear error for a wrong --model)
+    weights_in_folder = False    # True: a model name is a folder that holds its weights (diffusers), --ckpt optional
 
     # ------------------------------------------------------------------ names and models
 
@@ -91,9 +92,20 @@ class Family:
                             f"use --calibration noised")
         return "noised"
 
-    def pruned_name(self, source_name, counts):
+    def weights_path(self, name, weights=None):
+        """The file (or folder) that holds model `name`'s weights: `weights`, or the model's folder."""
+        return weights
+
+    def check_groups(self, model, groups):
+        """UserError if N:M `groups` could drop a block the model cannot lose (none here)."""
+
+    def check_kept(self, state_dict, kept):
+        """UserError if the kept global blocks miss one the model cannot lose (none here)."""
+
+    def pruned_name(self, source_name, counts, path=None):
         """Registry name of the depth-pruned model with counts[i] blocks kept in block list i:
-        DiT-XL/2 + [14] -> 'DiT-D14/2'; DiT-S/2 + [6] -> 'DiT-S-D6/2' (models/registry.py's names)."""
+        DiT-XL/2 + [14] -> 'DiT-D14/2'; DiT-S/2 + [6] -> 'DiT-S-D6/2' (models/registry.py's names);
+        `path` is where it will be written (a family whose models are folders names it by that)."""
         import re
         m = re.match(rf"^{self.name}-(?:(S|B|L|XL|Tiny)|(?:(S|B|L|XL|Tiny)-)?D\d+)/(\d+)$", source_name)
         if not m or len(counts) != 1:
