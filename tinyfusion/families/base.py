@@ -114,6 +114,11 @@ class Family:
         size = m.group(1) or m.group(2) or "XL"
         return f"{self.name}-{'' if size == 'XL' else size + '-'}D{sum(counts)}/{m.group(3)}"
 
+    def save_trained(self, model, path):
+        """Write a trained model (train_masked_kd.py --save-model): its plain state dict."""
+        from ..checkpoint import save_weights
+        save_weights(model.state_dict(), path)
+
     def export_pruned(self, path, state_dict, record):
         """Write a pruned model: the plain state dict (.pt / .safetensors) and its JSON record beside it."""
         from ..pruning import save_pruned

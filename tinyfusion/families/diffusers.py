@@ -225,6 +225,9 @@ class DiffusersFamily(Family):
         with atomic_path(record_path(path)) as tmp, open(tmp, "w") as f:
             f.write(text + "\n")
 
+    def save_trained(self, model, path):
+        t2i.save_transformer(t2i.inner(model), path)
+
     def sampler(self, args):
         raise UserError(f"{self.name} models sample through their diffusers pipeline (README: 'Text-to-image "
                         f"transformers'), not through sample.py")
