@@ -42,7 +42,7 @@ def calibration_batches(args, latent_shape, device, clean=False):
         from tinyfusion.data import open_feature_store
         store = open_feature_store(args.data_path)
         store.check_latent_shape(latent_shape, args.model)
-        store.check_num_classes(args.num_classes)
+        family_for(args.model).check_store(store, args)
         if len(store) < n:
             raise UserError(f"feature store {args.data_path} has {len(store)} latents, fewer than --nsamples {n}: "
                             f"lower it")

@@ -135,9 +135,9 @@ def test_prune_by_learning_and_masked_kd_on_diffusers_dit(tmp_path, dit_store):
     assert changed  # trained (the EMA moved)
 
 
-def test_prune_by_learning_refuses_a_pattern_dropping_sd3s_last_block(tmp_path, dit_store):
-    saved("SD3", tmp_path / "transformer")
-    with pytest.raises(UserError, match="group 1 .1:2, blocks 2-3. may drop block 3"):
+def test_prune_by_learning_refuses_a_pattern_dropping_a_required_block(tmp_path, dit_store):
+    saved("DiT", tmp_path / "transformer", same_embedders=False)  # block 0's embedder feeds the final layer
+    with pytest.raises(UserError, match="group 0 .1:2, blocks 0-1. may drop block 0, but the final layer"):
         learn(tmp_path, dit_store, "1:2", tmp_path / "transformer")
     assert not (tmp_path / "runs").exists() and not (tmp_path / "pruned").exists()
 
@@ -155,3 +155,11 @@ def test_masked_model_under_the_pipeline_call_convention():
                     pooled_projections=cond["pooled_prompt_embeds"], timestep=torch.tensor([10, 500, 999])).sample
     assert float((out - expected).abs().max()) <= 1e-5
     assert t2i.required_blocks(model) == [3]
+
+
+def test_text_families_refuse_a_class_store(tmp_path, dit_store):
+    saved("PixArt", tmp_path / "transformer")
+    with pytest.raises(UserError, match="holds class labels, but PixArt needs prompt_embeds, prompt_attention_mask: "
+                                        "extract it with --captions"):
+        learn(tmp_path, dit_store, "1:2", tmp_path / "transformer")
+    assert not (tmp_path / "runs").exists()

@@ -76,7 +76,7 @@ def open_training_data(args, model_name):
     store = open_feature_store(args.data_path)
     shape = latent_shape_for(args, store, model_name)
     store.check_latent_shape(shape, model_name)
-    store.check_num_classes(args.num_classes)
+    family_for(model_name).check_store(store, args)
     return store, shape
 
 

@@ -56,6 +56,10 @@ class Family:
             return (getattr(args, "channels", 3), args.image_size, args.image_size)  # its VAE (reference layout)
         return (4, args.image_size // 8, args.image_size // 8)
 
+    def check_store(self, store, args):
+        """UserError if the feature store's conditioning does not fit the model (here: labels in --num-classes)."""
+        store.check_num_classes(args.num_classes)
+
     def model_kwargs(self, name, latent_shape, num_classes):
         """Constructor keywords of model `name` for latents of `latent_shape` (C, H, W)."""
         return dict(input_size=latent_shape[-1], in_channels=latent_shape[0], num_classes=num_classes)

@@ -237,12 +237,26 @@ class DiffusersDiTFamily(DiffusersFamily):
     name, class_name = "diffusers-DiT", "DiTTransformer2DModel"
 
 
-class PixArtFamily(DiffusersFamily):
+class TextFamily(DiffusersFamily):
+    """A text-conditioned transformer: trains on a text store (extract_features.py --captions) holding `cond_names`."""
+    cond_names = ()
+
+    def check_store(self, store, args):
+        names = tuple(getattr(store, "cond_names", ()))
+        if getattr(store, "conditioning", "class") != "text" or not set(self.cond_names) <= set(names):
+            raise UserError(f"feature store {store.path} holds {', '.join(names) or 'class labels'}, but {self.name} "
+                            f"needs {', '.join(self.cond_names)}: extract it with --captions and this model's pipeline "
+                            f"(--pipeline)")
+
+
+class PixArtFamily(TextFamily):
     name, class_name = "PixArt", "PixArtTransformer2DModel"
+    cond_names = ("prompt_embeds", "prompt_attention_mask")
 
 
-class SD3Family(DiffusersFamily):
+class SD3Family(TextFamily):
     name, class_name = "SD3", "SD3Transformer2DModel"
+    cond_names = ("prompt_embeds", "pooled_prompt_embeds")
 
     def objective(self, latent_shape, args=None, class_dropout_prob=0.1):
         model = getattr(args, "model", None)
