@@ -357,3 +357,21 @@ def test_conditioning_dropout():
     assert out["prompt_attention_mask"].tolist() == [[1, 0, 0, 0, 0], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]]
     with pytest.raises(UserError, match="empty prompt"):
         fam.drop_conditioning(dit, cond, drop)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_lora_search_step(kind):
+    """Mask learning with LoRA on every Linear (the official scope): at start the model is unchanged (LoRA B = 0),
+    and one step's loss trains LoRA and the gates."""
+    model = tiny(kind)
+    kept = KEPT[kind]
+    expected = run(pruned_by_hand(model, kept), kind)
+    layer_mask, groups = prepare_mask_learning(model, [(len(kept), 4)], delta_w=True, lora=True, lora_rank=2)
+    layer_mask.fix(layer_mask.choice_for_kept(kept))
+    assert float((run(model.eval(), kind) - expected).abs().max()) <= 1e-5
+    layer_mask.fix(None)
+    x, cond = inputs(kind)
+    loss, _ = objective(model).loss(model.train(), x, cond, objective(model).draw(len(x), torch.Generator()), 0)
+    loss.mean().backward()
+    assert all(p.grad is not None for g in groups for p in g["params"])
+    assert float(sum(p.grad.abs().sum() for p in groups[0]["params"])) > 0
