@@ -41,8 +41,10 @@ def transformer_folder(path, hub_id=None):
         hub_id = path
     fetch = (f" (fetch it with `huggingface-cli download {hub_id} --local-dir <dir>` and pass "
              f"diffusers:<dir>/transformer)") if hub_id else ""
-    if not os.path.isdir(path):
+    if not os.path.exists(path):
         raise UserError(f"diffusers model folder {path} does not exist{fetch}")
+    if not os.path.isdir(path):
+        raise UserError(f"{path} is a file, not a diffusers model folder: give the folder holding config.json")
     if not os.path.isfile(os.path.join(path, "config.json")) and \
             os.path.isfile(os.path.join(path, "transformer", "config.json")):
         path = os.path.join(path, "transformer")

@@ -207,6 +207,9 @@ def test_bad_folders(tmp_path):
     with pytest.raises(UserError, match="folder PixArt-alpha/PixArt-XL-2-256x256 does not exist .fetch it with "
                                         "`huggingface-cli download PixArt-alpha/PixArt-XL-2-256x256"):
         t2i.load_transformer("diffusers:PixArt-alpha/PixArt-XL-2-256x256")  # a hub id, not a local folder
+    (tmp_path / "weights.pt").write_text("")
+    with pytest.raises(UserError, match="weights.pt is a file, not a diffusers model folder"):
+        t2i.load_transformer(f"diffusers:{tmp_path / 'weights.pt'}")
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="not a diffusers model folder"):
         t2i.load_transformer(str(tmp_path / "empty"))
