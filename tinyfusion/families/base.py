@@ -22,7 +22,7 @@ def unwrap(model):
 class Family:
     name = ""                    # shown in messages and records
     registry = None              # models' name -> constructor table (models/registry.py), for registry families
-    model_classes = ()           # the nn.Module classes this family builds
+    model_classes = ()           # the nn.Module classes this family builds (family_of_model)
     kd_beta = 1e-2               # masked KD's default initial L_Rep weight (paper Table 6)
     fixed_step_sampler_argv = ()  # sampling-script flags for a sampler with exactly --num-sampling-steps steps
     smoke_kwargs = dict(hidden_size=64, num_heads=4)  # constructor keywords: same depth, tiny width (smoke runs)
@@ -33,9 +33,6 @@ class Family:
     def owns(self, name):
         """Does this family build model `name` (a registry name; presets are resolved by family_for)?"""
         return self.registry is not None and name in self.registry
-
-    def owns_model(self, model):
-        return type(unwrap(model)) in self.model_classes
 
     def owns_state_dict(self, state_dict):
         return any(k.startswith(p) for k in state_dict for p in self.weight_key_prefixes)
