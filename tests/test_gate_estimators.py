@@ -14,9 +14,9 @@ from prune_by_learning import main as prune_main
 from test_layer_mask import inputs, tiny_model
 from test_train import make_store
 from tinyfusion.checkpoint import load_checkpoint, save_weights
-from tinyfusion.errors import UserError
+from core.errors import UserError
 from tinyfusion.mask_learning import MaskLearningObjective
-from tinyfusion.objectives import DiffusionObjective
+from tinyfusion.families.dit import DiffusionObjective
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 

@@ -22,6 +22,7 @@ import torch
 
 from core.errors import UserError
 from diffusion import REP_MASKS, masked_rep_loss
+from models.layer_mask import model_blocks
 
 
 # The official train_masked_kd.py's fixed tables: student name -> (teacher depth, student blocks, teacher blocks).
@@ -95,17 +96,16 @@ def parse_layer_map(spec, student_depth, teacher_depth):
 
 
 def _width(model):
-    """The residual-stream width: the input width of the first block's attention projection (qkv, or
-    diffusers' to_q)."""
-    block = [b for name in model.block_lists for b in getattr(model, name)][0]
-    return next(m.in_features for n, m in block.named_modules() if n.split(".")[-1] in ("qkv", "to_q"))
+    """Width of the hidden states: the input features of the first block's attention projection (qkv, or
+    diffusers' to_q; a diffusers DiT block's first Linear is its 256-wide timestep embedder)."""
+    return next(m.in_features for n, m in model_blocks(model)[0].named_modules() if n.split(".")[-1] in ("qkv", "to_q"))
 
 
 class HiddenStates:
     """Collects the outputs of selected blocks of a model during one forward pass."""
 
     def __init__(self, model, indices):
-        blocks = [b for name in model.block_lists for b in getattr(model, name)]
+        blocks = model_blocks(model)
         self.out = {}
         self.handles = [blocks[i].register_forward_hook(self._hook(i)) for i in sorted(set(indices))]
 

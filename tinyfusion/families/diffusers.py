@@ -18,6 +18,7 @@ Sampling goes through the diffusers pipelines (README, "Text-to-image transforme
 """
 import json
 import os
+import sys
 
 import torch
 
@@ -150,8 +151,11 @@ class DiffusersFamily(Family):
     def owns(self, name):
         return t2i.is_diffusers_spec(name) and t2i.transformer_folder(t2i.spec_folder(name))[1] == self.class_name
 
-    def owns_model(self, model):
-        return t2i.class_name(model) == self.class_name
+    @property
+    def model_classes(self):
+        """The diffusers class, looked up only once diffusers is imported (no model of it can exist before)."""
+        diffusers = sys.modules.get("diffusers")
+        return (getattr(diffusers, self.class_name),) if diffusers is not None else ()
 
     def owns_state_dict(self, state_dict):
         return False
