@@ -1,12 +1,14 @@
-"""Latent autoencoders behind one small interface: the SD VAE (diffusers AutoencoderKL) or none.
+"""Latent autoencoders behind one small interface: the SD VAE (diffusers AutoencoderKL), MAR's KL-16, or none.
 
 Every object returned by `load_vae` has
   `.encode(x, generator=None)` images in [-1, 1] (B,3,H,W) -> scaled latent *samples* (B,C,H/d,W/d),
   `.moments(x)`                 -> (mean, logvar) of the posterior, unscaled (what MAR caches),
   `.decode(z)`                  scaled latents -> images in [-1, 1],
-  `.scale`, `.downsample` (d), `.latent_channels`, `.in_channels`, `.name`, `.stochastic`.
+  `.scale`, `.shift`, `.downsample` (d), `.latent_channels`, `.in_channels`, `.name`, `.stochastic`,
+  `.default_store` (what extract_features.py writes by default: "latents" or "moments").
 DiT/SiT use the SD VAE: latent = posterior sample x 0.18215 (a sample, not the mean), decode after
-dividing by it. `IdentityVAE` (`--vae none`) treats pixels as the latent (scale 1, d = 1), for the
+dividing by it (SD3's VAE also subtracts its shift_factor first). MAR's KL-16 (a checkpoint file, e.g.
+kl16.ckpt): latent = sample x 0.2325. `IdentityVAE` (`--vae none`) treats pixels as the latent (scale 1, d = 1), for the
 tiny pixel-space demo. Loading never needs the network when the weights are in the HF cache or in a
 local folder; offline misses become one UserError that says how to fix them.
 """
@@ -14,6 +16,7 @@ import os
 
 import torch
 
+from .download import release_of, resolve
 from .errors import UserError
 
 VAE_SHORTCUTS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
@@ -23,6 +26,11 @@ SD_SCALE = 0.18215  # sd-vae-ft-{ema,mse}; a local folder's config.scaling_facto
 def sample_moments(mean, logvar, noise):
     """Posterior sample mean + std * noise, with the logvar clamp of LDM/diffusers ([-30, 20])."""
     return mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * noise
+
+
+def scale_latents(z, scale, shift=0.0):
+    """VAE latent -> what the model sees: (z - shift) x scale (shift is 0 except for SD3's VAE)."""
+    return (z - shift) * scale if shift else z * scale
 
 
 def gaussian_noise(shape, generator=None, device="cpu", dtype=torch.float32):
@@ -42,19 +50,12 @@ def gaussian_noise(shape, generator=None, device="cpu", dtype=torch.float32):
     return noise.to(device=device, dtype=dtype)
 
 
-class SDVAE:
-    """A diffusers AutoencoderKL with the latent scale applied on encode and undone on decode."""
+class _PosteriorVAE:
+    """What the SD VAE and MAR's KL-16 share: a Gaussian posterior, latent = (sample - shift) x scale."""
     stochastic = True
+    shift = 0.0
+    default_store = "latents"
     memory_format = torch.contiguous_format
-
-    def __init__(self, autoencoder, name="AutoencoderKL"):
-        self.vae = autoencoder.eval().requires_grad_(False)
-        cfg = autoencoder.config
-        self.name = name
-        self.scale = float(getattr(cfg, "scaling_factor", None) or SD_SCALE)
-        self.downsample = 2 ** (len(cfg.block_out_channels) - 1)
-        self.latent_channels = int(cfg.latent_channels)
-        self.in_channels = int(cfg.in_channels)
 
     def to(self, device):
         self.vae.to(device)
@@ -74,25 +75,64 @@ class SDVAE:
         return x.to(self.device).contiguous(memory_format=self.memory_format)
 
     @torch.no_grad()
+    def encode(self, x, generator=None):
+        mean, logvar = self.moments(x)
+        noise = gaussian_noise(mean.shape, generator, mean.device, mean.dtype)
+        return scale_latents(sample_moments(mean, logvar, noise), self.scale, self.shift)
+
+    @torch.no_grad()
+    def decode(self, z):
+        return self._decode(self._input(z) / self.scale + self.shift).clamp(-1, 1).contiguous()
+
+
+class SDVAE(_PosteriorVAE):
+    """A diffusers AutoencoderKL with the latent scale (and SD3's shift) applied on encode and undone on decode."""
+
+    def __init__(self, autoencoder, name="AutoencoderKL"):
+        self.vae = autoencoder.eval().requires_grad_(False)
+        cfg = autoencoder.config
+        self.name = name
+        self.scale = float(getattr(cfg, "scaling_factor", None) or SD_SCALE)
+        self.shift = float(getattr(cfg, "shift_factor", None) or 0.0)
+        self.downsample = 2 ** (len(cfg.block_out_channels) - 1)
+        self.latent_channels = int(cfg.latent_channels)
+        self.in_channels = int(cfg.in_channels)
+
+    @torch.no_grad()
     def moments(self, x):
         dist = self.vae.encode(self._input(x)).latent_dist
         return dist.mean.contiguous(), dist.logvar.contiguous()
 
-    @torch.no_grad()
-    def encode(self, x, generator=None):
-        mean, logvar = self.moments(x)
-        noise = gaussian_noise(mean.shape, generator, mean.device, mean.dtype)
-        return sample_moments(mean, logvar, noise) * self.scale
+    def _decode(self, z):
+        return self.vae.decode(z).sample
+
+
+class KL16VAE(_PosteriorVAE):
+    """MAR's KL-16 (models/kl16.py): 16 channels, stride 16, latent = sample x 0.2325. Stores default to the
+    posterior moments, as MAR's main_cache.py writes them."""
+    default_store = "moments"
+
+    def __init__(self, autoencoder, name="kl16"):
+        from models.kl16 import MAR_LATENT_SCALE
+        self.vae = autoencoder.eval().requires_grad_(False)
+        self.name, self.scale = name, MAR_LATENT_SCALE
+        self.downsample, self.latent_channels = autoencoder.stride, autoencoder.embed_dim
+        self.in_channels = autoencoder.encoder.conv_in.in_channels
 
     @torch.no_grad()
-    def decode(self, z):
-        return self.vae.decode(self._input(z) / self.scale).sample.clamp(-1, 1).contiguous()
+    def moments(self, x):
+        posterior = self.vae.encode(self._input(x))
+        return posterior.mean.contiguous(), posterior.logvar.contiguous()
+
+    def _decode(self, z):
+        return self.vae.decode(z)
 
 
 class IdentityVAE:
     """`--vae none`: the images themselves are the 'latents' (pixel-space datasets, the digits demo)."""
     stochastic = False
-    scale = 1.0
+    scale, shift = 1.0, 0.0
+    default_store = "latents"
     downsample = 1
     name = "none"
 
@@ -140,6 +180,10 @@ def load_vae(name_or_path="ema", device="cpu", channels=3, channels_last=False):
 def _load_vae(name_or_path, device, channels):
     if name_or_path in (None, "none"):
         return IdentityVAE(channels)
+    if os.path.isfile(os.path.expanduser(os.fspath(name_or_path))) or release_of(name_or_path) == release_of("kl16.ckpt"):
+        from models.kl16 import load_kl16  # a weights file (not a diffusers folder or hub id): MAR's KL-16
+        path = resolve(os.path.expanduser(os.fspath(name_or_path)))
+        return KL16VAE(load_kl16(path), name=os.path.abspath(path)).to(device)
     from diffusers.models import AutoencoderKL
     repo = resolve_vae_name(os.fspath(name_or_path))
     if os.path.isdir(os.path.expanduser(repo)):
