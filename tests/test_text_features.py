@@ -4,6 +4,7 @@ bad inputs, one training step per family on the store, and MAR training on a KL-
 import argparse
 import json
 import os
+import runpy
 import subprocess
 import sys
 
@@ -154,7 +155,7 @@ def test_killed_run_resumes_without_duplicates(text, tmp_path, capsys):
                          runtime=Runtime(), **KW)
 
 
-def test_bad_inputs_are_one_line_and_write_nothing(text, tmp_path, capsys):
+def test_bad_inputs_are_one_line_and_write_nothing(text, tmp_path, capsys, monkeypatch):
     root, pipes = text
     out = tmp_path / "out"
     bad = tmp_path / "bad.jsonl"
@@ -177,11 +178,15 @@ def test_bad_inputs_are_one_line_and_write_nothing(text, tmp_path, capsys):
     (tmp_path / "dit" / "model_index.json").write_text(json.dumps({"_class_name": "DiTPipeline"}))
     refused(r"is a DiTPipeline; text encoding supports PixArtAlphaPipeline, PixArtSigmaPipeline, StableDiffusion3",
             captions=root / "captions.jsonl", pipeline=str(tmp_path / "dit"))
-    # The script: one line on stderr, exit code 2, nothing written.
-    res = run_script(["--data-path", root / "imgs", "--captions", root / "captions.jsonl", "--pipeline",
-                      tmp_path / "nopipe", "--features-path", out, "--image-size", 16])
-    lines = res.stderr.strip().splitlines()
-    assert res.returncode == 2 and len(lines) == 1 and "nopipe does not exist" in lines[0], res.stderr[-2000:]
+    # The script (in-process): one line on stderr, exit code 2, nothing written.
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "argv", ["extract_features.py", "--data-path", str(root / "imgs"), "--captions",
+                                      str(root / "captions.jsonl"), "--pipeline", str(tmp_path / "nopipe"),
+                                      "--features-path", str(out), "--image-size", "16", "--device", "cpu"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(os.path.join(ROOT, "extract_features.py"), run_name="__main__")
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1 and "nopipe does not exist" in lines[0], lines
     assert not out.exists()
     # A class-conditional model cannot train on a text store.
     with pytest.raises(UserError, match="not class labels"):
