@@ -11,9 +11,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from tiny_text import pixart_pipeline, sd3_pipeline
+from tiny_text import pixart_pipeline, save_random_image, sd3_pipeline
 from tinyfusion.data import open_captioned_images, open_feature_store, open_image_folder
 from tinyfusion.errors import UserError
 from tinyfusion.features import extract_features, image_seed
@@ -35,8 +34,7 @@ def text(tmp_path_factory):
     lines = []
     for i, caption in enumerate(CAPTIONS):
         rel = f"sub/{i}.png" if i == 2 else f"{i}.png"
-        h, w = rng.integers(16, 40, 2)
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / "imgs" / rel)
+        save_random_image(root / "imgs" / rel, rng, 16, 40)
         lines.append(json.dumps({"image": rel, "caption": caption, "extra": i}))
     (root / "captions.jsonl").write_text("\n".join(lines[:3]) + "\n\n" + "\n".join(lines[3:]) + "\n")
     pipes = {"pixart": pixart_pipeline(str(root / "pixart")), "sd3": sd3_pipeline(str(root / "sd3"))}
@@ -274,8 +272,7 @@ def test_kl16_moments_store_for_mar(tmp_path, monkeypatch):
     for c in range(2):
         (tmp_path / "imgs" / f"c{c}").mkdir(parents=True)
         for i in range(4):
-            h, w = rng.integers(64, 100, 2)
-            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / "imgs" / f"c{c}" / f"{i}.png")
+            save_random_image(tmp_path / "imgs" / f"c{c}" / f"{i}.png", rng, 64, 100)
     extract_features(tmp_path / "imgs", tmp_path / "store", image_size=64, vae=KL16VAE(kl16), batch_size=3,
                      num_workers=0, shard_size=5, runtime=Runtime())
     store = open_feature_store(tmp_path / "store")

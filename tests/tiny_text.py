@@ -4,7 +4,9 @@ Tokenizers come from hand-written vocabularies (T5: a Unigram word list; CLIP: a
 per word), text encoders and transformers from small configs, seeded. `save_pretrained` writes normal
 diffusers pipeline folders (model_index.json + subfolders) that the code under test loads offline.
 """
+import numpy as np
 import torch
+from PIL import Image
 
 WORDS = "a photo of cat dog red blue small big on the grass sky".split()
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -81,3 +83,9 @@ def sd3_pipeline(folder, seed=0):
         tokenizer_2=clip_tokenizer(), text_encoder_3=t5_encoder(), tokenizer_3=t5_tokenizer())
     pipe.save_pretrained(folder)
     return folder
+
+
+def save_random_image(path, rng, low, high):
+    """A random RGB image with sides drawn from [low, high) (not square: the center crop matters)."""
+    h, w = rng.integers(low, high, 2)
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
