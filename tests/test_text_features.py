@@ -96,8 +96,15 @@ def test_store_layout_and_values(text, family):
     null = store.null_cond()
     for name, want in expected.items():
         torch.testing.assert_close(null[name], want[5], rtol=1e-5, atol=1e-6)
-    if family == "pixart":  # the padding is real: masks end in zeros, and short prompts differ from long ones
+    if family == "pixart":  # the padding is real: masks end in zeros; and T5 itself gives these embeddings
         assert store[4][1]["prompt_attention_mask"].tolist() == [1, 1, 0, 0, 0, 0, 0, 0]
+        from transformers import T5EncoderModel, T5Tokenizer
+        tokens = T5Tokenizer.from_pretrained(os.path.join(pipes[family], "tokenizer"))(
+            CAPTIONS[1], padding="max_length", max_length=8, return_tensors="pt")
+        t5 = T5EncoderModel.from_pretrained(os.path.join(pipes[family], "text_encoder")).eval()
+        with torch.no_grad():
+            hidden = t5(tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state[0]
+        torch.testing.assert_close(store[1][1]["prompt_embeds"], hidden, rtol=1e-5, atol=1e-6)
         assert np.load(path / "prompt_attention_mask-00000.npy").dtype == np.int8
     else:
         assert m["shift_factor"] == pytest.approx(0.0609) and m["scale_factor"] == pytest.approx(1.5305)

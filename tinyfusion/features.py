@@ -188,7 +188,8 @@ def extract_features(data_path, features_path, image_size=256, vae=None, batch_s
     side = image_size // coder.downsample
     latent_shape = (coder.latent_channels, side, side)
     stored_shape = ((2 if store == "moments" else 1) * coder.latent_channels, side, side)
-    vae_id = os.path.abspath(vae) if isinstance(vae, str) and os.path.exists(os.path.expanduser(vae)) else coder.name
+    local = isinstance(vae, (str, os.PathLike)) and os.path.exists(os.path.expanduser(vae))
+    vae_id = os.path.abspath(os.path.expanduser(vae)) if local else coder.name
     settings = {"format_version": FORMAT_VERSION, "count": len(indices), "images_in_folder": len(dataset),
                 "classes": getattr(dataset, "classes", None), "image_size": image_size, "channels": channels,
                 "vae": vae_id, "scale_factor": coder.scale, "store": store, "dtype": np.dtype(DTYPES[dtype]).name,
