@@ -27,12 +27,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from tinyfusion.errors import UserError, run_main
+from core.errors import UserError
+from tinyfusion.errors import run_main
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TEACHER = os.path.join(ROOT, "assets", "digits_teacher.safetensors")
 TEACHERS = {"DiT": TEACHER, "SiT": os.path.join(ROOT, "assets", "sit_digits_teacher.safetensors")}
-SAMPLERS = {"DiT": [], "SiT": ["ODE", "--sampling-method", "euler"]}  # SiT: fixed steps, as many as DiT's DDPM
+OUT_DIRS = {"DiT": "demo_report", "SiT": "demo_report_sit"}
 METHODS = ("learned", "bi", "oracle", "random")
 ORACLE_KEPT = [0, 2, 4, 7, 9, 11]  # BK-SDM: keep the first layer of each encoder pair, the last of each decoder pair
 BUDGETS = {  # steps of mask learning / fine-tuning per method, FID samples, sampling steps
@@ -46,6 +47,8 @@ class Demo:
     def __init__(self, args):
         self.args, self.out = args, os.path.abspath(args.out)
         self.model = f"{args.family}-Tiny/2"
+        from tinyfusion.families import family_for
+        self.sampler_argv = list(family_for(self.model).fixed_step_sampler_argv)  # SiT: Euler ODE, as many steps as DDPM
         self.budget = dict(BUDGETS["full" if args.full else "default"])
         for key in ("prune_steps", "finetune_steps", "samples", "sampling_steps"):
             if getattr(args, key) is not None:
@@ -148,7 +151,7 @@ class Demo:
         npz, metrics = os.path.join(d, f"{tag}.npz"), os.path.join(d, f"{tag}.json")
         b = self.budget
         if not os.path.isfile(npz):
-            self.run(f"sample-{tag}", "sample_ddp.py", [*SAMPLERS[self.args.family],
+            self.run(f"sample-{tag}", "sample_ddp.py", [*self.sampler_argv,
                 "--model", model_name, "--ckpt", ckpt, *COMMON, "--cfg-scale", "1.5",
                 "--guide-all-channels", "--num-sampling-steps", b["sampling_steps"], "--num-fid-samples", b["samples"],
                 "--per-proc-batch-size", "250", "--global-seed", "0", "--sample-dir", os.path.join(d, "parts"),
@@ -172,7 +175,7 @@ class Demo:
     def grid(self, tag, model_name, ckpt):
         path = os.path.join(self.out, f"grid-{tag}.png")
         if not os.path.isfile(path):
-            self.run(f"grid-{tag}", "sample.py", [*SAMPLERS[self.args.family],
+            self.run(f"grid-{tag}", "sample.py", [*self.sampler_argv,
                 "--model", model_name, "--ckpt", ckpt, *COMMON, "--cfg-scale", "1.5",
                 "--guide-all-channels", "--num-sampling-steps", self.budget["sampling_steps"], "--seed", "0",
                 "--class-labels", *range(10), *range(10), "--nrow", "10", "--out", path])
@@ -183,10 +186,10 @@ def calibration_loss(model_name, ckpt, data, seed=0, batches=8, batch_size=64):
     """Diffusion loss right after pruning (before any fine-tuning), on fixed data, t and noise."""
     from tinyfusion.cli import create_model
     from tinyfusion.data import open_feature_store
-    from tinyfusion.objectives import make_objective
+    from tinyfusion.families import family_for
     store = open_feature_store(data)
     model = create_model(model_name, store.latent_shape, 10, ckpt).eval()
-    objective = make_objective(model_name.split("-")[0], store.latent_shape, class_dropout_prob=0.0)
+    objective = family_for(model_name).objective(store.latent_shape, class_dropout_prob=0.0)
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(store), generator=g)[:batches * batch_size]
     losses = []
@@ -238,7 +241,7 @@ def parse_args(argv=None):
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    args.out = args.out or ("demo_report" if args.family == "DiT" else "demo_report_sit")
+    args.out = args.out or OUT_DIRS[args.family]
     args.teacher = args.teacher or TEACHERS[args.family]
     return args
 
@@ -292,11 +295,13 @@ def write_report(demo, table, seconds):
     figure = os.path.join(demo.out, f"seed{b['seeds'][0]}", "pruned", f"search-{demo.model.replace('/', '-')}", "decisions.png")
     if os.path.isfile(figure):
         shutil.copy(figure, os.path.join(demo.out, "decisions.png"))
-    sit = demo.args.family == "SiT"
-    report = ["# TinyFusion on the digits dataset" + (f" ({demo.model} teacher)" if sit else ""), "",
+    from tinyfusion.cli import sampling_flags
+    from tinyfusion.families import family_for
+    sampler = family_for(demo.model).sampler(sampling_flags([*demo.sampler_argv, "--num-sampling-steps", b["sampling_steps"]]))
+    report = [f"# TinyFusion on the digits dataset ({demo.model} teacher)", "",
               f"Budget: mask learning {b['prune_steps']} steps, masked-KD fine-tuning {b['finetune_steps']} steps per "
-              f"method (batch {b['batch']}), {b['samples']} samples per model with {b['sampling_steps']} "
-              f"{'ODE Euler' if sit else 'DDPM'} steps (cfg 1.5), seeds {b['seeds']} (metrics are means over seeds). Metrics use the digit classifier's "
+              f"method (batch {b['batch']}), {b['samples']} samples per model with the "
+              f"{sampler.name} sampler (cfg 1.5), seeds {b['seeds']} (metrics are means over seeds). Metrics use the digit classifier's "
               f"features against {os.path.basename(demo.ref)} (held-out digits). Total time {seconds / 60:.1f} min.", "",
               *lines, "", "Per seed (FID, class accuracy):", ""]
     for r in table:

@@ -15,8 +15,9 @@ import math
 
 import torch
 
+from core.errors import UserError
 from tinyfusion.cli import add_cache_arg
-from tinyfusion.errors import UserError, run_main
+from tinyfusion.errors import run_main
 from tinyfusion.inception import WEIGHTS_ENV, WEIGHTS_FILE, InceptionExtractor, load_inception
 from tinyfusion.metrics import evaluate, format_report
 from tinyfusion.outputs import check_output_file

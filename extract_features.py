@@ -16,15 +16,16 @@ layouts) with tinyfusion.data.open_feature_store.
 """
 import argparse
 
-from tinyfusion.errors import UserError, run_main
+from core.errors import UserError
+from tinyfusion.errors import run_main
 from tinyfusion.features import extract_features
 from tinyfusion.runtime import setup_runtime
 
 
 def main(args):
     if args.model is not None:  # accepted for the reference's command line; only checked
-        from models import family_of
-        family_of(args.model)
+        from tinyfusion.families import family_for
+        family_for(args.model)
     rt = setup_runtime(args.device)
     try:
         batch_size = rt.per_rank(args.global_batch_size) if args.global_batch_size else args.batch_size

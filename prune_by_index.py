@@ -11,19 +11,21 @@ import argparse
 
 import torch
 
-from models import build_model
+from core.errors import UserError
 from tinyfusion.checkpoint import check_state_dict, read_weights
-from tinyfusion.cli import add_image_args, latent_shape_for, model_kwargs
-from tinyfusion.errors import UserError, run_main
+from tinyfusion.cli import add_image_args, latent_shape_for
+from tinyfusion.errors import run_main
+from tinyfusion.families import family_for
 from tinyfusion.outputs import check_output_file
 from tinyfusion.pruning import ORACLE_KEPT, parse_kept_indices, pruned_summary, write_pruned
 
 
 def main(args):
     check_output_file(args.save_model, "--save-model")
-    kwargs = model_kwargs(args.model, latent_shape_for(args), args.num_classes)
+    family, shape = family_for(args.model), latent_shape_for(args)
+    kwargs = family.model_kwargs(args.model, shape, args.num_classes)
     with torch.device("meta"):
-        model = build_model(args.model, **kwargs)
+        model = family.build(args.model, shape, args.num_classes)
     depth = model.depth
     if (args.kept_indices is None) == (args.preset is None):
         raise UserError("give exactly one of --kept-indices \"[...]\" and --preset oracle")

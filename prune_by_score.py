@@ -19,11 +19,10 @@ import argparse
 
 import torch
 
-from models import build_model, family_of
-from tinyfusion.checkpoint import load_weights
-from tinyfusion.cli import add_image_args, latent_shape_for, model_kwargs
-from tinyfusion.errors import UserError, run_main
-from tinyfusion.objectives import add_transport_args, make_objective
+from core.errors import UserError
+from tinyfusion.cli import add_image_args, add_transport_args, latent_shape_for
+from tinyfusion.errors import run_main
+from tinyfusion.families import family_for
 from tinyfusion.outputs import check_output_file
 from tinyfusion.pruning import (SCORE_METHODS, bi_importance_clean, check_n_pruned, choose_removed, pruned_summary,
                                 score_blocks, write_pruned)
@@ -58,20 +57,14 @@ def calibration_batches(args, latent_shape, device, clean=False):
 
 def main(args):
     check_output_file(args.save_model, "--save-model")
-    family = family_of(args.model)
-    if family == "MAR" and args.method == "output-error":  # MAR's forward returns its loss, not an output
-        raise UserError(f"--method output-error is for DiT/SiT; for {args.model} use bi, sensitivity, magnitude "
-                        f"or random")
+    family = family_for(args.model)
+    clean = family.score_inputs(args.model, args.method, args.calibration) == "clean"
     if args.nsamples < 1 or args.batch_size < 1:
         raise UserError("--nsamples and --batch-size must be at least 1")
-    clean = args.method == "bi" and (args.calibration or ("clean" if family == "DiT" else "noised")) == "clean"
-    if clean and family != "DiT":
-        raise UserError(f"--calibration clean is the official DiT calibration (raw DDPM steps); for {args.model} "
-                        f"use --calibration noised")
     latent_shape = latent_shape_for(args)
-    kwargs = model_kwargs(args.model, latent_shape, args.num_classes)
+    kwargs = family.model_kwargs(args.model, latent_shape, args.num_classes)
     with torch.device("meta"):
-        meta = build_model(args.model, **kwargs)
+        meta = family.build(args.model, latent_shape, args.num_classes)
     depth = meta.depth
     check_n_pruned(args.n_pruned, depth)  # every check before the expensive work
     rt = setup_runtime(args.device)
@@ -79,8 +72,8 @@ def main(args):
     batches = calibration_batches(args, latent_shape, rt.device, clean) if needs_data else []
 
     torch.manual_seed(args.seed)
-    model = load_weights(build_model(args.model, **kwargs), args.ckpt, args.model).to(rt.device).eval()
-    objective = make_objective(family, latent_shape, args, class_dropout_prob=0.0)
+    model = family.load(args.model, latent_shape, args.num_classes, args.ckpt).to(rt.device).eval()
+    objective = family.objective(latent_shape, args, class_dropout_prob=0.0)
     if clean:
         importance = bi_importance_clean(model, batches)
     else:

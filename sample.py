@@ -11,14 +11,14 @@ import argparse
 import torch
 from torchvision.utils import save_image
 
-from models import family_of
-from tinyfusion.cli import add_image_args, create_model, latent_shape_for
+from core.errors import UserError
+from tinyfusion.cli import add_image_args, add_transport_args, create_model, latent_shape_for
 from tinyfusion.download import default_checkpoint, resolve
-from tinyfusion.errors import UserError, run_main
-from tinyfusion.objectives import add_transport_args
+from tinyfusion.errors import run_main
+from tinyfusion.families import family_for
 from tinyfusion.outputs import check_output_file
 from tinyfusion.runtime import seed_everything, setup_runtime
-from tinyfusion.sampling import (add_sampler_args, check_cfg, denoiser_precision, load_decoder, make_sampler,
+from tinyfusion.sampling import (add_sampler_args, check_cfg, denoiser_precision,
                                  prepare_denoiser)
 
 CLASS_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]
@@ -48,11 +48,11 @@ def main(argv=None):
 
     rt = setup_runtime(args.device)
     seed_everything(args.seed)  # before the model, as the official scripts do (its init draws numbers)
-    family = family_of(args.model)
+    family = family_for(args.model)
     shape = latent_shape_for(args)
     model = prepare_denoiser(create_model(args.model, shape, args.num_classes, ckpt).to(rt.device).eval(), args)
-    sampler = make_sampler(family, args)
-    decode = load_decoder(family, args.vae, rt.device, args.channels_last)
+    sampler = family.sampler(args)
+    decode = family.decoder(args.vae, rt.device, args.channels_last)
     y = torch.tensor(args.class_labels, device=rt.device)
     z = torch.randn(len(y), *shape, device=rt.device)
     with denoiser_precision(args, rt.device):

@@ -10,9 +10,8 @@ Guidance is applied only when --cfg-scale > 1. Then: python evaluator.py <ref ba
 """
 import argparse
 
-from tinyfusion.cli import add_image_args
+from tinyfusion.cli import add_image_args, add_transport_args
 from tinyfusion.errors import run_main
-from tinyfusion.objectives import add_transport_args
 from tinyfusion.runtime import setup_runtime
 from tinyfusion.sample_job import check_args, sample_fid_batch
 from tinyfusion.sampling import add_sampler_args, check_cfg

@@ -10,10 +10,9 @@ Also runs as plain `python train.py ...` (one process, GPU if present, else CPU)
 """
 import argparse
 
-from models import family_of
-from tinyfusion.cli import add_model_args, create_model, open_training_data
+from tinyfusion.cli import add_model_args, add_transport_args, create_model, open_training_data
 from tinyfusion.errors import run_main
-from tinyfusion.objectives import add_transport_args, make_objective
+from tinyfusion.families import family_for
 from tinyfusion.runtime import seed_everything, setup_runtime
 from tinyfusion.trainer import Trainer, add_train_args, check_train_outputs, experiment_dir
 
@@ -36,15 +35,11 @@ def main(argv=None):
 
     rt = setup_runtime(args.device, tf32=args.tf32)
     seed_everything(args.global_seed)  # same initial weights in every process and every run
-    family = family_of(args.model)
+    family = family_for(args.model)
     store, shape = open_training_data(args, args.model)
     model = create_model(args.model, shape, args.num_classes, args.load_weight)
-    objective = make_objective(family, shape, args)
-    groups = None
-    if family == "MAR":  # MAR's AdamW groups: betas (0.9, 0.95), no decay on 1-D params, biases, DiffLoss
-        from tinyfusion.mar_objectives import mar_param_groups
-        groups = mar_param_groups(model, args.weight_decay)
-    trainer = Trainer(rt, model, objective, store, args, param_groups=groups,
+    objective = family.objective(shape, args)
+    trainer = Trainer(rt, model, objective, store, args, param_groups=family.param_groups(model, args),
                       results_dir=experiment_dir(args, args.model))
     trainer.logger.info(f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters, "
                         f"{len(store):,} training latents from {args.data_path}")

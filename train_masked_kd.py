@@ -16,12 +16,12 @@ import argparse
 
 import torch
 
-from models import family_of
-from tinyfusion.cli import add_model_args, create_model, open_training_data
-from tinyfusion.errors import UserError, run_main
+from core.errors import UserError
 from diffusion import REP_MASKS
+from tinyfusion.cli import add_model_args, add_transport_args, create_model, open_training_data
+from tinyfusion.errors import run_main
+from tinyfusion.families import family_for
 from tinyfusion.kd import LAYER_MAP_SOURCES, MaskedKDObjective, choose_layer_map
-from tinyfusion.objectives import add_transport_args, make_objective
 from tinyfusion.pruning import read_record
 from tinyfusion.runtime import seed_everything, setup_runtime
 from tinyfusion.trainer import Trainer, add_train_args, check_train_outputs, experiment_dir
@@ -59,8 +59,8 @@ def main(argv=None):
     check_train_outputs(args)
     if not args.load_teacher:
         raise UserError("--load-teacher is required: the teacher's weights, e.g. DiT-XL-2-256x256.pt (fetched) or a path")
-    family = family_of(args.model)
-    if family_of(args.teacher) != family:
+    family = family_for(args.model)
+    if family_for(args.teacher) is not family:
         raise UserError(f"teacher {args.teacher} and student {args.model} are different model families")
     rt = setup_runtime(args.device, tf32=args.tf32)
     seed_everything(args.global_seed)
@@ -73,8 +73,8 @@ def main(argv=None):
     if max(s for s, _ in layer_map) >= student.depth:
         raise UserError(f"the layer map {layer_map} does not fit the student's depth {student.depth}: check --model "
                         f"or pass --layer-map")
-    beta = args.beta if args.beta is not None else (2e-4 if family == "SiT" else 1e-2)  # paper Table 6
-    objective = MaskedKDObjective(make_objective(family, shape, args), student, teacher, layer_map,
+    beta = args.beta if args.beta is not None else family.kd_beta  # paper Table 6
+    objective = MaskedKDObjective(family.objective(shape, args), student, teacher, layer_map,
                                   args.alpha_kd, args.alpha_diff, beta, args.beta_end, args.mask_std,
                                   teacher_dtype=torch.bfloat16 if args.teacher_precision == "bf16" else None,
                                   rep_mask=args.rep_mask, kd_channels=args.kd_channels)

@@ -19,12 +19,12 @@ import os
 import numpy as np
 import torch
 
-from models import family_of
+from core.errors import UserError
 from tinyfusion.cli import add_image_args, create_model, latent_shape_for
 from tinyfusion.digits import TEACHER_PATH, load_split
-from tinyfusion.errors import UserError, run_main
+from tinyfusion.errors import run_main
+from tinyfusion.families import family_for
 from tinyfusion.kd import HiddenStates
-from tinyfusion.objectives import make_objective
 
 
 def inputs(args, shape, n, generator):
@@ -43,16 +43,6 @@ def inputs(args, shape, n, generator):
             "Gaussian latents (no --data-path)")
 
 
-def noisy(objective, family, x0, step, noise):
-    """x_t and the model's time input for a DDPM timestep `step` (SiT: t = 1 - step/1000)."""
-    if family == "DiT":
-        t = torch.full((len(x0),), step, dtype=torch.long)
-        return objective.diffusion.q_sample(x0, t, noise=noise), t
-    t = torch.full((len(x0),), 1 - step / 1000.0)
-    _, xt, _ = objective.transport.path_sampler.plan(t, noise, x0)
-    return xt, t
-
-
 def block_stats(h, mask_std):
     """Per sample: max |h|, median |h|, share of entries beyond mask_std std of the sample's mean."""
     h = h.float().flatten(1)
@@ -65,12 +55,12 @@ def block_stats(h, mask_std):
 def collect(model, family, args, shape):
     g = torch.Generator().manual_seed(args.seed)
     x0, y, source = inputs(args, shape, args.num_samples, g)
-    objective = make_objective(family, shape, args)
+    objective = family.objective(shape, args)
     blocks = [b for name in model.block_lists for b in getattr(model, name)]
     hooks = HiddenStates(model, range(len(blocks)))
     stats, maps = {}, {}
     for step in args.timesteps:
-        xt, t = noisy(objective, family, x0, step, torch.randn(x0.shape, generator=g))
+        xt, t = family.noised_input(objective, x0, step, torch.randn(x0.shape, generator=g))
         model(xt, t, y)
         out = hooks.pop()
         stats[step] = [{k: v.tolist() for k, v in block_stats(out[i], args.mask_std).items()} for i in range(len(blocks))]
@@ -137,12 +127,10 @@ def main(argv=None):
     bad = [s for s in args.timesteps if not 0 <= s < 1000]
     if bad or args.num_samples < 1:
         raise UserError(f"--timesteps must lie in 0..999 (got {bad}) and --num-samples be at least 1")
-    family = family_of(args.model)
-    if family not in ("DiT", "SiT"):
-        raise UserError(f"--model {args.model}: visualize_activation.py is for DiT and SiT models")
+    family = family_for(args.model)
     shape = latent_shape_for(args)
     model = create_model(args.model, shape, args.num_classes, args.ckpt).eval()
-    stats, maps, source = collect(model, family, args, shape)
+    stats, maps, source = collect(model, family, args, shape)  # UserError for a family without noised inputs
     plot(stats, maps, args.out, f"{args.model}: hidden-state magnitudes per block ({source})")
     text = summarise(stats, source, args)
     base = os.path.splitext(args.out)[0]

@@ -22,8 +22,8 @@ if __package__ in (None, ""):  # `python benchmarks/bench_loader.py`: make the r
 import numpy as np
 
 from benchmarks.common import add_common_args, fmt_ratio, hardware, markdown_table, ratio, resolve, sync
+from core.errors import UserError
 from tinyfusion.data import open_feature_store
-from tinyfusion.errors import UserError
 from tinyfusion.runtime import Runtime
 from tinyfusion.synthetic import write_feature_store
 from tinyfusion.trainer import GlobalBatchSampler, Trainer

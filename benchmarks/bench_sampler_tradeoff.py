@@ -21,9 +21,9 @@ if __package__ in (None, ""):  # `python benchmarks/bench_sampler_tradeoff.py`: 
 import numpy as np
 
 from benchmarks.common import add_common_args, fmt_ratio, hardware, markdown_table, ratio, resolve, time_interleaved
+from core.errors import UserError
 from tinyfusion.digits import (NUM_CLASSES, TEACHER_CFG, DigitsExtractor, class_accuracy, load_digits_classifier,
                                load_digits_teacher, sample_digits, write_digits_data)
-from tinyfusion.errors import UserError
 from tinyfusion.metrics import evaluate
 from tinyfusion.npz import write_sample_batch
 

@@ -4,7 +4,7 @@
     python benchmarks/bench_sampling.py --family SiT            # SiT-XL/2 vs SiT-D14/2 (fixed-step Euler ODE)
     python benchmarks/bench_sampling.py --family MAR            # MAR-L vs MAR-L-D16 (1 AR iteration per 4 tokens)
 
-Each call runs the real sampler (`tinyfusion.sampling.make_sampler`) for --steps steps with
+Each call runs the real sampler (the family's `sampler`) for --steps steps with
 classifier-free guidance, so every step is one denoiser forward on a doubled batch (the dominant
 cost of sampling). Speedups are the full model's seconds per call over each model's, measured in
 the same run; the paper reports 1.46x (D19), 1.96x (D14) and 3.88x (D7) for DiT.
@@ -21,8 +21,9 @@ import torch
 
 from benchmarks.common import (add_common_args, bench_model, fmt_ratio, hardware, latent_shape, markdown_table, ratio,
                                resolve, set_tf32, time_interleaved)
-from tinyfusion.objectives import add_transport_args
-from tinyfusion.sampling import add_sampler_args, make_sampler, prepare_denoiser
+from tinyfusion.cli import sampling_flags
+from tinyfusion.families import family_for
+from tinyfusion.sampling import prepare_denoiser
 
 MODELS = {"DiT": ["DiT-XL/2", "DiT-D19/2", "DiT-D14/2", "DiT-D7/2"],
           "SiT": ["SiT-XL/2", "SiT-D14/2"],
@@ -53,16 +54,11 @@ def build_parser():
 
 
 def sampler_args(family, steps):
-    """The sampling scripts' own flags for `steps` denoiser passes per call: DDPM for DiT, a fixed-step
-    Euler ODE for SiT (dopri5's number of calls would depend on the weights; `steps` Euler steps span
-    steps + 1 grid points), `steps` AR iterations for MAR."""
-    parser = argparse.ArgumentParser()
-    add_sampler_args(parser)
-    add_transport_args(parser)
-    argv = ["--num-sampling-steps", str(steps), "--num-iter", str(steps)]
-    if family == "SiT":
-        argv = ["ODE", "--sampling-method", "euler", "--num-sampling-steps", str(steps + 1)]
-    return parser.parse_args(argv)
+    """The sampling scripts' own flags for `steps` denoiser passes per call, with the family's fixed-step sampler:
+    DDPM for DiT, a fixed-step Euler ODE for SiT (dopri5's number of calls would depend on the weights),
+    `steps` AR iterations for MAR."""
+    return sampling_flags([*family.fixed_step_sampler_argv, "--num-sampling-steps", family.steps_for_passes(steps),
+                           "--num-iter", steps])
 
 
 def prepare(name, sampler, args, device):
@@ -81,11 +77,12 @@ def prepare(name, sampler, args, device):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    mar = MAR_PRESETS if args.family == "MAR" else {}
+    mar = {"MAR": MAR_PRESETS}.get(args.family, {})
     device = resolve(args, *({**PRESETS[k], **mar.get(k, {})} for k in ("cpu", "cuda", "smoke")))
     set_tf32(device, not args.no_tf32)
     names = args.models or MODELS[args.family]
-    sampler = make_sampler(args.family, sampler_args(args.family, args.steps))
+    family = family_for(MODELS[args.family][0])
+    sampler = family.sampler(sampler_args(family, args.steps))
     rows, calls = zip(*(prepare(name, sampler, args, device) for name in names))  # all models stay loaded
     times = time_interleaved(calls, device, args.warmup, args.iters)
     for row, seconds in zip(rows, times):

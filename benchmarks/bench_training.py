@@ -30,11 +30,10 @@ import torch
 
 from benchmarks.common import (PeakMemory, add_common_args, bench_model, fmt_bytes, fmt_ratio, half_depth, hardware,
                                latent_shape, markdown_table, ratio, release_memory, resolve, set_tf32, time_calls)
-from models import family_of
 from models.layer_mask import parse_groups
+from tinyfusion.families import family_for
 from tinyfusion.logging import RunLogger
 from tinyfusion.mask_learning import MaskLearningObjective, prepare_mask_learning
-from tinyfusion.objectives import make_objective
 from tinyfusion.runtime import Runtime
 from tinyfusion.trainer import Trainer, add_train_args
 
@@ -95,7 +94,7 @@ def setup(config, args, device):
         full = bench_model(args.model, args.image_size, args.smoke)
     depth, half = full.depth, config in ("plain-D/2", "kd")
     model = bench_model(args.model, args.image_size, args.smoke, **(half_depth(full) if half else {}))
-    objective, groups = make_objective(family_of(args.model), latent_shape(args.model, args.image_size)), None
+    objective, groups = family_for(args.model).objective(latent_shape(args.model, args.image_size)), None
     if config.startswith("mask"):
         mask, groups = prepare_mask_learning(model, parse_groups("1:2", depth), delta_w=config != "mask-only",
                                              lora=config == "mask+lora", lora_rank=args.lora_rank)

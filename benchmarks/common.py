@@ -14,12 +14,9 @@ from types import SimpleNamespace
 
 import torch
 
-from models import build_model, family_of
+from core.errors import UserError
 from tinyfusion.cli import create_model, latent_shape_for
-from tinyfusion.errors import UserError
-
-SMOKE_WIDTH = dict(hidden_size=64, num_heads=4)  # DiT/SiT smoke models: real depth, tiny width
-
+from tinyfusion.families import family_for
 
 def add_common_args(parser):
     parser.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu",
@@ -61,20 +58,7 @@ def bench_model(name, image_size, smoke=False, num_classes=1000, **kwargs):
     seconds. `kwargs` override constructor keywords (e.g. depth, or MAR's encoder/decoder_depth).
     """
     shape = latent_shape(name, image_size)
-    if smoke and family_of(name) == "MAR":
-        return _tiny_mar(name, image_size, **kwargs)
-    return create_model(name, shape, num_classes, **{**(SMOKE_WIDTH if smoke else {}), **kwargs})
-
-
-def _tiny_mar(name, image_size, **kwargs):
-    # MAR's registry fixes the width, so the smoke model is built directly, with the registry's depths
-    from models.mar import MAR
-    with torch.device("meta"):  # the registry's depths, without allocating the real model
-        ref = build_model(name, img_size=image_size)
-    config = dict(img_size=image_size, encoder_embed_dim=64, encoder_num_heads=4, decoder_embed_dim=64,
-                  decoder_num_heads=4, encoder_depth=len(ref.encoder_blocks), decoder_depth=len(ref.decoder_blocks),
-                  buffer_size=4, diffloss_d=1, diffloss_w=64, num_sampling_steps="2")
-    return MAR(**{**config, **kwargs})
+    return create_model(name, shape, num_classes, **{**(family_for(name).smoke_kwargs if smoke else {}), **kwargs})
 
 
 def half_depth(model):

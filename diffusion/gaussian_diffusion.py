@@ -12,7 +12,7 @@ import math
 import numpy as np
 import torch
 
-from tinyfusion.errors import UserError
+from core.errors import UserError
 
 from .losses import discretized_gaussian_log_likelihood, masked_rep_loss, mean_flat, normal_kl
 

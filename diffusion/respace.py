@@ -1,7 +1,7 @@
 """Timestep respacing: sample with a subset of a trained diffusion's steps (IDDPM section 4)."""
 import numpy as np
 
-from tinyfusion.errors import UserError
+from core.errors import UserError
 
 from .gaussian_diffusion import GaussianDiffusion
 

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from tinyfusion.errors import UserError
+from core.errors import UserError
 
 
 def modulate(x, shift, scale):

@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tinyfusion.checkpoint import read_weights
-from tinyfusion.errors import UserError
+from core.errors import UserError
+from core.weights import read_state_dict
 
 MAR_LATENT_SCALE = 0.2325  # normalises the KL-16 latent std to about 1
 
@@ -182,9 +182,9 @@ class AutoencoderKL(nn.Module):
 
 
 def load_kl16(path, **kwargs):
-    """The KL-16 VAE with weights from `path` ({'model': state_dict}); the training loss's keys are dropped."""
+    """The KL-16 VAE with weights from a local `path` ({'model': state_dict}); the training loss's keys are dropped."""
     vae = AutoencoderKL(**kwargs)
-    state_dict = {k: v for k, v in read_weights(path).items() if not k.startswith("loss.")}
+    state_dict = {k: v for k, v in read_state_dict(path).items() if not k.startswith("loss.")}
     expected = vae.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]

@@ -6,7 +6,7 @@ any depth), so a pruned checkpoint can always be named and rebuilt.
 """
 import re
 
-from tinyfusion.errors import UserError
+from core.errors import UserError
 
 from .dit import DiT
 from .sit import SiT

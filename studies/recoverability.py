@@ -34,15 +34,16 @@ sys.path.insert(0, ROOT)
 import prune_by_learning  # noqa: E402  (the real scripts, called in-process: no interpreter start per subnet)
 import prune_by_score  # noqa: E402
 import train_masked_kd  # noqa: E402
+from core.errors import UserError  # noqa: E402
 from models.layer_mask import parse_groups  # noqa: E402
 from tinyfusion.checkpoint import read_weights  # noqa: E402
 from tinyfusion.cli import create_model  # noqa: E402
 from tinyfusion.digits import (DigitsExtractor, class_accuracy, load_digits_classifier, load_split,  # noqa: E402
                                sample_digits, write_digits_data)
-from tinyfusion.errors import UserError, run_main  # noqa: E402
+from tinyfusion.errors import run_main  # noqa: E402
+from tinyfusion.families.dit import DiffusionObjective  # noqa: E402
 from tinyfusion.metrics import evaluate  # noqa: E402
 from tinyfusion.npz import write_sample_batch  # noqa: E402
-from tinyfusion.objectives import DiffusionObjective  # noqa: E402
 from tinyfusion.pruning import write_pruned  # noqa: E402
 
 TEACHER = os.path.join(ROOT, "assets", "digits_teacher.safetensors")
@@ -67,6 +68,11 @@ SEARCHES = {
     "2:4 frozen lr1e-3": ("2:4", "frozen", 1e-3, 100, [0], []),
     "6:12 full lr1e-3": ("6:12", "full", 1e-3, 100, [0], []),
     "6:12 frozen lr1e-3": ("6:12", "frozen", 1e-3, 100, [0], []),
+    # the 1:4 block-0 puzzle (README section 5): gate estimators other than straight-through (ours)
+    "1:4 lora lr1e-3 soft 20": ("1:4", "lora", 1e-3, 100, [0], ["--soft-mask-steps", "20"]),
+    "1:4 lora lr1e-3 draws 4": ("1:4", "lora", 1e-3, 100, [0], ["--draws-per-sample", "4"]),
+    "1:4 lora lr1e-3 score-function": ("1:4", "lora", 1e-3, 100, [0], ["--gate-estimator", "score-function"]),
+    "1:4 frozen lr1e-3 score-function": ("1:4", "frozen", 1e-3, 100, [0], ["--gate-estimator", "score-function"]),
 }
 SCORES = ("bi", "sensitivity", "output-error", "magnitude")
 
@@ -375,8 +381,10 @@ def part_methods(study, methods, rows):
 def settings_of(args):
     kd_defaults = vars(train_masked_kd.build_parser().parse_args(["--data-path", "-", "--load-teacher", "-"]))
     kd_defaults = {k: v for k, v in kd_defaults.items() if k not in ("data_path", "load_teacher")}
-    code = {p: file_sha(os.path.join(ROOT, p)) for p in ("tinyfusion/kd.py", "tinyfusion/mask_learning.py",
-                                                         "models/layer_mask.py", "tinyfusion/trainer.py")}
+    # the code behind the rows: DiT's objective and official KD terms (families/dit.py), KD, search, training loop
+    code = {p: file_sha(os.path.join(ROOT, p)) for p in ("tinyfusion/families/dit.py", "tinyfusion/kd.py",
+                                                         "tinyfusion/mask_learning.py", "models/layer_mask.py",
+                                                         "tinyfusion/trainer.py")}
     teacher = file_sha(TEACHER)
     return {
         "subnets": {"teacher": teacher, "calib_items": args.calib_items, "heldout_repeats": args.heldout_repeats,

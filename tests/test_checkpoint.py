@@ -6,9 +6,9 @@ import pickle
 import pytest
 import torch
 
+from core.errors import UserError
 from models import DiT_models
 from tinyfusion.checkpoint import load_weights, read_weights, save_checkpoint, save_weights
-from tinyfusion.errors import UserError
 
 
 def tiny(depth=4, **kw):

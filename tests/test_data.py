@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
+from core.errors import UserError
 from tinyfusion.data import (BaseFeatureStore, FeatureStore, MarCacheStore, ReferenceFeatureStore, center_crop_arr,
                              image_transform, open_feature_store, open_image_folder)
-from tinyfusion.errors import UserError
 
 
 def write_sharded_store(root, latents, labels, shard_size, store="latents", scale=0.18215):

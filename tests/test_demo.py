@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from demo import METHODS, TEACHERS, Demo, calibration_loss, main, parse_args
-from tinyfusion.errors import UserError
+from core.errors import UserError
 
 
 def test_demo_reduced(tmp_path):

@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file
 from scipy.stats import norm
 
+from core.errors import UserError
 from diffusion import create_diffusion, discretized_gaussian_log_likelihood, space_timesteps
-from tinyfusion.errors import UserError
 
 GOLDEN = Path(__file__).parent / "fixtures" / "official_tiny.safetensors"
 

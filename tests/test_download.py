@@ -16,8 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
+from core.errors import UserError
 from tinyfusion import download as dl
-from tinyfusion.errors import UserError
 
 NAME = "TinyDiT-D14-MaskedKD-500K.pt"
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
+from core.errors import UserError
 from tinyfusion.data import open_feature_store, open_image_folder
-from tinyfusion.errors import UserError
 from tinyfusion.features import extract_features, image_seed
 from tinyfusion.runtime import Runtime
 from tinyfusion.vae import load_vae, resolve_vae_name

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from tinyfusion.errors import UserError
+from core.errors import UserError
 from tinyfusion.inception import FIDInception3, InceptionExtractor, load_inception, tf1_resize_bilinear
 
 

@@ -3,10 +3,11 @@ import numpy as np
 import pytest
 import torch
 
+from core.errors import UserError
 from models import build_model
-from tinyfusion.errors import UserError, run_main
+from tinyfusion.errors import run_main
+from tinyfusion.families.dit import DiffusionObjective
 from tinyfusion.kd import MaskedKDObjective, choose_layer_map, layer_map_from_record, masked_rep_loss, parse_layer_map
-from tinyfusion.objectives import DiffusionObjective
 
 
 def test_mask_zeroes_exactly_the_entries_beyond_two_std():

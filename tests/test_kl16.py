@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from core.errors import UserError
 from models.kl16 import MAR_LATENT_SCALE, AttnBlock, AutoencoderKL, DiagonalGaussian, load_kl16
-from tinyfusion.errors import UserError
 
 KEYS = Path(__file__).parent / "fixtures" / "keys"
 TINY = dict(embed_dim=4, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,), resolution=32)

@@ -7,11 +7,11 @@ import pytest
 import torch
 from scipy import stats
 
+from core.errors import UserError
 from models import DiT, SiT
 from models.layer_mask import (PRESETS, LayerMask, attach_layer_mask, detach_layer_mask, parse_groups,
                                resolve_preset)
 from tinyfusion.checkpoint import load_weights
-from tinyfusion.errors import UserError
 from tinyfusion.pruning import read_record, write_pruned
 
 TINY = dict(input_size=8, patch_size=2, hidden_size=32, num_heads=4, num_classes=10)

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from core.errors import UserError
 from models import MAR_models, build_model, family_of
 from models.mar import MAR, cfg_at
 from models.registry import UnknownModelError
-from tinyfusion.errors import UserError
 
 KEYS = Path(__file__).parent / "fixtures" / "keys"
 BLOCK_PARAMS = lambda d: 12 * d * d + 13 * d  # one ViT block (mar.md section 2)

@@ -14,13 +14,13 @@ import torch
 from PIL import Image
 
 import models.mar as mar
+from core.errors import UserError
 from models import MAR_models, build_model
 from models.layer_mask import LayerMask, attach_layer_mask
 from tinyfusion.checkpoint import read_weights, save_weights
 from tinyfusion.cli import create_model
-from tinyfusion.errors import UserError
-from tinyfusion.mar_objectives import MARObjective, mar_kd_terms, mar_param_groups, masked_token_mean
-from tinyfusion.objectives import make_objective
+from tinyfusion.families import family_for
+from tinyfusion.families.mar import MARObjective, mar_kd_terms, mar_param_groups, masked_token_mean
 from tinyfusion.synthetic import write_feature_store
 
 SHAPE = (16, 4, 4)  # KL-16 latents of 64 px images
@@ -86,7 +86,7 @@ def test_draws_follow_mars_laws():
     assert min(fracs) >= math.ceil(0.7 * 256) / 256 and max(fracs) <= 1.0
     assert abs(np.mean(fracs) - (mean + 0.5 / 256)) < 0.006  # ceil adds ~half a token
     assert abs(np.mean(drops) - 0.1) < 0.015
-    d = make_objective("MAR", (16, 16, 16), class_dropout_prob=0.0).draw(500, g)
+    d = family_for("MAR-B").objective((16, 16, 16), class_dropout_prob=0.0).draw(500, g)
     assert not d["drop"].any() and d["orders"].shape == (500, 256)
 
 
@@ -293,9 +293,8 @@ def test_sample_py(tiny, kl16, tmp_path):
 def test_sampler_gives_kl16_latents(tiny):
     from types import SimpleNamespace
 
-    from tinyfusion.sampling import make_sampler
     model = create_model("MAR-B", SHAPE, 4, tiny.ckpt).eval()
-    sampler = make_sampler("MAR", SimpleNamespace(num_iter=3, cfg_schedule="constant", temperature=1.0))
+    sampler = family_for("MAR-B").sampler(SimpleNamespace(num_iter=3, cfg_schedule="constant", temperature=1.0))
     torch.manual_seed(0)
     z = sampler(model, torch.randn(2, *SHAPE), torch.tensor([1, 2]), 2.0)
     assert z.shape == (2, *SHAPE) and torch.isfinite(z).all()

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from core.errors import UserError
 from tinyfusion import metrics
-from tinyfusion.errors import UserError
 from tinyfusion.metrics import evaluate, frechet_distance, inception_score, manifold_radii, precision_recall
 from tinyfusion.npz import NpzWriter, iter_npz_batches, validate_sample_batch, write_sample_batch
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from conftest import FIXTURES, golden_model
+from core.errors import UserError
 from models import DiT_models, SiT_models, build_model, family_of
 from models.registry import UnknownModelError
-from tinyfusion.errors import UserError
 
 
 def analytic_params(depth, hidden, patch, input_size=32, in_ch=4, classes=1000, learn_sigma=True):

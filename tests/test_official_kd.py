@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from core.errors import UserError
 from diffusion import create_diffusion
 from models.dit import DiT
-from tinyfusion.errors import UserError
 from tinyfusion.pruning import bi_importance_clean, choose_removed
 
 GOLDEN = load_file(Path(__file__).parent / "fixtures" / "official_kd.safetensors")

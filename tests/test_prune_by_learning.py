@@ -10,7 +10,7 @@ from models import build_model
 from prune_by_learning import main as prune_main
 from test_train import make_store
 from tinyfusion.checkpoint import load_weights, read_weights, save_weights
-from tinyfusion.objectives import DiffusionObjective
+from tinyfusion.families.dit import DiffusionObjective
 from tinyfusion.runtime import Runtime
 from tinyfusion.trainer import Trainer
 
@@ -81,7 +81,7 @@ def test_resume_continues_from_the_saved_step(planted, tmp_path, capsys):
 
 
 def test_bad_groups_write_nothing(planted, tmp_path, capsys):
-    from tinyfusion.errors import UserError
+    from core.errors import UserError
     for groups in ("[[1,2]]", "[[1,2],[1,3]]", "[[3,2],[1,2]]", "[[0,2],[1,2]]"):
         with pytest.raises(UserError):
             run_prune(planted, tmp_path, groups, steps=2)

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from core.errors import UserError
 from models import DiT, build_model
 from tinyfusion.checkpoint import load_weights, read_weights, save_weights
-from tinyfusion.errors import UserError, run_main
-from tinyfusion.objectives import DiffusionObjective
+from tinyfusion.errors import run_main
+from tinyfusion.families.dit import DiffusionObjective
 from tinyfusion.pruning import (ORACLE_KEPT, choose_removed, kept_state_dict, parse_kept_indices, pruned_model_name,
                                 read_record, save_pruned, score_blocks)
 from test_layer_mask import TINY, tiny_model

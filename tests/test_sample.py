@@ -55,7 +55,7 @@ def test_sample_writes_grid(tmp_path, keep_grad_mode, name, extra):
 
 def test_dit_sampler_official_rng_order(golden):
     """One randn_like per DDPM step from the global generator, as the official p_sample_loop."""
-    from tinyfusion.sampling import DiTSampler
+    from tinyfusion.families.dit import DiTSampler
     model = golden_model(golden)
     sampler = DiTSampler(argparse.Namespace(sampler="ddpm", num_sampling_steps=10, guide_all_channels=False))
     torch.manual_seed(5)

@@ -174,7 +174,7 @@ def test_bad_input_one_line_exit_2(argv, needle, capsys, tmp_path):
 
 
 def test_restart_with_other_settings_refused(tmp_path, dit_ckpt):
-    from tinyfusion.errors import UserError
+    from core.errors import UserError
     argv = [*DIT_FLAGS, "--ckpt", dit_ckpt, "--sample-dir", str(tmp_path), "--num-fid-samples", "2",
             "--keep-parts"]
     main_inproc(argv)

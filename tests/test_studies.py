@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import scipy.stats
 
+from core.errors import UserError
 from studies.rank_stats import average_ranks, bootstrap_interval, kendall_tau_b, percentile, spearman
 from studies.recoverability import all_subnets, constrained_pick, fits, main
-from tinyfusion.errors import UserError
 
 
 def test_rank_correlations_match_scipy_with_ties():

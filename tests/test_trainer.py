@@ -7,9 +7,9 @@ import torch
 
 from models import build_model, set_grad_checkpointing
 from models.layer_mask import LayerMask, attach_layer_mask
+from tinyfusion.families.dit import DiffusionObjective
 from tinyfusion.kd import MaskedKDObjective
 from tinyfusion.logging import RunLogger
-from tinyfusion.objectives import DiffusionObjective
 from tinyfusion.runtime import Runtime
 from tinyfusion.trainer import Trainer, add_train_args
 

@@ -1,31 +1,19 @@
-"""Checkpoint I/O in one place.
-
-Reads official plain state dicts, training dicts ({'model', 'ema', 'opt', ...}; MAR's
-{'model', 'model_ema'}) and .safetensors files. Pickles are always opened with
-`weights_only=True`, so a checkpoint can never run code on load. Writes are atomic
-(temp file + rename), so a killed job never leaves a truncated checkpoint behind.
-"""
-import argparse
+"""Checkpoint I/O for scripts: reading by path or release name (core.weights reads the file), checking
+weights against a model, and atomic writes (temp file + rename), so a killed job never leaves a
+truncated checkpoint behind."""
 import contextlib
 import errno
 import glob
 import os
-import pickle
 import re
 import shutil
 import tempfile
 
 import torch
 
+from core.errors import UserError
+from core.weights import read_checkpoint_file, read_state_dict
 from .download import resolve
-from .errors import UserError
-
-# Official DiT/SiT/TinyFusion training checkpoints store their argparse Namespace under 'args'.
-# A Namespace is a plain attribute bag (no code runs when it is rebuilt), so it is allowed.
-torch.serialization.add_safe_globals([argparse.Namespace])
-
-# Preference order when a file holds several copies of the weights: EMA first (what evaluation uses).
-WEIGHT_KEYS = ("ema", "model_ema", "model", "state_dict")
 
 
 @contextlib.contextmanager
@@ -75,65 +63,25 @@ def _is_safetensors(path):
     return os.fspath(path).endswith(".safetensors")
 
 
-def _first_line(e):
-    text = str(e).strip()
-    return text.splitlines()[0][:160] if text else type(e).__name__
+def load_checkpoint(name_or_path):
+    """A whole checkpoint object (dict); a release name (tinyfusion.download.RELEASES) that is not a local path
+    is fetched first."""
+    return read_checkpoint_file(resolve(name_or_path))
 
 
-def load_checkpoint(path):
-    """Load a whole checkpoint object (dict) safely; one clear error for missing, unsafe or unreadable files.
-    A release name (tinyfusion.download.RELEASES) that is not a local path is fetched first."""
-    path = os.fspath(resolve(path))
-    if os.path.isdir(path):
-        raise UserError(f"checkpoint {path} is a folder, not a file: pass the checkpoint file inside it "
-                        f"(e.g. {os.path.join(path, 'checkpoints', '0500000.pt')})")
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint {path} does not exist: check the path (or download the file first)")
-    if os.path.getsize(path) == 0:
-        raise UserError(f"checkpoint {path} is empty (0 bytes): the download or copy did not finish; fetch it again")
-    if _is_safetensors(path):
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-        try:
-            with safe_open(path, "pt") as f:
-                metadata = f.metadata() or {}
-            return {"state_dict": load_file(path), "metadata": metadata}
-        except Exception as e:  # safetensors raises its own SafetensorError (and OSError) on bad files
-            raise UserError(f"cannot read {path} ({_first_line(e)}): it is not a valid .safetensors file, or it is "
-                            f"truncated; fetch it again") from None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise UserError(f"refusing to load {path}: it holds Python objects that could run code when unpickled "
-                        f"({_first_line(e)}); re-save it as a plain state dict or .safetensors from a trusted source")
-    except Exception as e:  # the zip reader and the unpickler fail in many ways (RuntimeError, EOFError, KeyError...)
-        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}: {_first_line(e)}): the file is not a "
-                        f"torch or safetensors checkpoint, or it is truncated") from None
+def read_weights(name_or_path):
+    """State dict (CPU tensors) of a weights file in any supported format, or of a release (fetched first)."""
+    return read_state_dict(resolve(name_or_path))
 
 
-def extract_state_dict(obj, path="checkpoint"):
-    """The weights inside a loaded checkpoint: 'ema', then 'model_ema', 'model', 'state_dict', else the dict itself."""
-    if isinstance(obj, dict):
-        for key in WEIGHT_KEYS:
-            if isinstance(obj.get(key), dict):
-                return obj[key]
-        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-            return obj
-    raise UserError(f"{path} holds no state dict (looked for a plain dict of tensors or the keys "
-                    f"{', '.join(WEIGHT_KEYS)})")
-
-
-def read_weights(path):
-    """State dict (CPU tensors) of a weights file in any supported format."""
-    return extract_state_dict(load_checkpoint(path), path)
-
-
-def guess_family(state_dict):
-    if any(k.startswith("encoder_blocks.") for k in state_dict):
-        return "MAR"
-    if "x_embedder.proj.weight" in state_dict:
-        return "DiT/SiT"
-    return "unknown"
+def _families_mismatch(model, state_dict):
+    """(families whose weights `state_dict` looks like, the model's family), when the model's is not among them."""
+    from .families import FAMILIES
+    model_family = next((f.name for f in FAMILIES if f.owns_model(model)), None)
+    file_families = [f.name for f in FAMILIES if f.owns_state_dict(state_dict)]
+    if model_family and file_families and model_family not in file_families:
+        return "/".join(file_families), model_family
+    return None
 
 
 def _summarize(keys, n=4):
@@ -163,10 +111,10 @@ def check_state_dict(model, state_dict, model_name, path):
     """Raise one UserError naming missing / unexpected / wrong-shape keys if the weights do not fit."""
     expected = model.state_dict()
     family = getattr(model, "family", type(model).__name__)
-    got_family = guess_family(state_dict)
-    if got_family != "unknown" and family not in got_family:
-        raise UserError(f"{path} is a {got_family} checkpoint but --model {model_name} is a {family} model: "
-                        f"pick a {got_family} model name")
+    mismatch = _families_mismatch(model, state_dict)
+    if mismatch:
+        raise UserError(f"{path} is a {mismatch[0]} checkpoint but --model {model_name} is a {mismatch[1]} model: "
+                        f"pick a {mismatch[0]} model name")
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     shapes = [k for k in expected if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)]

@@ -2,10 +2,8 @@
 import argparse
 import os
 
-from models import build_model, family_of
-from .checkpoint import load_weights
 from .download import CACHE_ENV, DEFAULT_CACHE
-from .errors import UserError
+from .families import family_for
 
 
 class _SetCacheDir(argparse.Action):
@@ -45,39 +43,30 @@ def add_model_args(parser, model="DiT-XL/2", data=True):
     return g
 
 
-MAR_VAE_STRIDE, MAR_LATENT_CHANNELS = 16, 16  # MAR works on KL-16 latents: 16 channels, image / 16
+def add_transport_args(parser):
+    """SiT's transport flags (same names and defaults as the official scripts)."""
+    g = parser.add_argument_group("transport (SiT)")
+    g.add_argument("--path-type", type=str, default="Linear", choices=["Linear", "GVP", "VP"])
+    g.add_argument("--prediction", type=str, default="velocity", choices=["velocity", "score", "noise"])
+    g.add_argument("--loss-weight", type=str, default=None, choices=[None, "velocity", "likelihood"])
+    g.add_argument("--sample-eps", type=float)
+    g.add_argument("--train-eps", type=float)
+    return g
 
 
-def model_family(name):
-    """'DiT', 'SiT' or 'MAR' of a registry name or a pruning preset (MAR-L-1-2 -> MAR)."""
-    from models.layer_mask import is_preset, resolve_preset
-    return family_of(resolve_preset(name)[0] if is_preset(name) else name)
-
-
-def _is_mar(name):
-    try:
-        return model_family(name) == "MAR"
-    except UserError:  # unknown names are reported by whoever builds the model
-        return False
+def sampling_flags(argv=()):
+    """The sampling scripts' sampler and transport flags parsed from `argv` (defaults for the rest), for
+    library code that samples without a command line (digits, benchmarks)."""
+    from .sampling import add_sampler_args
+    parser = argparse.ArgumentParser()
+    add_sampler_args(parser)
+    add_transport_args(parser)
+    return parser.parse_args([str(a) for a in argv])
 
 
 def latent_shape_for(args, store=None, model_name=None):
-    """(C, H, W) the model works on: MAR 16 x image/16 (KL-16); else the store's shape when it is pixel
-    space, else 4 x image/8 (SD VAE). `model_name` defaults to args.model."""
-    if _is_mar(model_name or args.model):
-        if args.image_size % MAR_VAE_STRIDE:
-            raise UserError(f"--image-size {args.image_size} is not a multiple of 16 (MAR's KL-16 stride): use e.g. "
-                            f"{max(16, args.image_size // 16 * 16)}")
-        side = args.image_size // MAR_VAE_STRIDE
-        return (MAR_LATENT_CHANNELS, side, side)
-    if args.image_size % 8:
-        raise UserError(f"--image-size {args.image_size} is not a multiple of 8: use e.g. {args.image_size // 8 * 8 or 8}")
-    store_vae = (getattr(store, "manifest", {}) or {}).get("vae") if store is not None else None
-    if store_vae == "none":
-        return tuple(store.latent_shape)  # pixel-space store (e.g. the digits demo): no VAE in between
-    if store_vae is None and getattr(args, "vae", None) == "none":  # no store, or one that does not record
-        return (getattr(args, "channels", 3), args.image_size, args.image_size)  # its VAE (reference layout)
-    return (4, args.image_size // 8, args.image_size // 8)
+    """(C, H, W) the model `model_name` (default args.model) works on, from the image flags and the store."""
+    return family_for(model_name or args.model).latent_shape(args, store)
 
 
 def open_training_data(args, model_name):
@@ -90,16 +79,6 @@ def open_training_data(args, model_name):
     return store, shape
 
 
-def model_kwargs(name, latent_shape, num_classes):
-    """Constructor keywords of registry model `name` for latents of `latent_shape` (C, H, W)."""
-    if family_of(name) == "MAR":  # MAR's own keywords: image size in pixels (latent side x stride) and class_num
-        return dict(img_size=latent_shape[-1] * MAR_VAE_STRIDE, vae_stride=MAR_VAE_STRIDE, class_num=num_classes)
-    return dict(input_size=latent_shape[-1], in_channels=latent_shape[0], num_classes=num_classes)
-
-
 def create_model(name, latent_shape, num_classes, weights=None, **kwargs):
-    """A registry model for latents of `latent_shape`, optionally with strictly loaded weights."""
-    model = build_model(name, **{**model_kwargs(name, latent_shape, num_classes), **kwargs})
-    if weights:
-        load_weights(model, weights, name)
-    return model
+    """Model `name` for latents of `latent_shape`, optionally with strictly loaded weights."""
+    return family_for(name).load(name, latent_shape, num_classes, weights, **kwargs)

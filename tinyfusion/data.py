@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import UserError
+from core.errors import UserError
 from .vae import gaussian_noise, sample_moments, scale_latents
 
 FORMAT_VERSION = 1       # class-labelled stores

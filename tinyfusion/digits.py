@@ -12,7 +12,6 @@ themselves, so flip augmentation is a no-op.
 Classifier: a 3-conv CNN on 8x8 gray inputs; its 64-d penultimate activations are the 'pool'
 features (FID, precision/recall) and its logits give IS and the class accuracy of samples.
 """
-import argparse
 import json
 import os
 
@@ -21,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import UserError
+from core.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ASSETS = os.path.join(REPO, "assets")
@@ -43,7 +42,6 @@ SIZE = 8
 LATENT_SHAPE = (1, SIZE, SIZE)
 TEACHER_MODEL = "DiT-Tiny/2"
 TEACHERS = {"DiT-Tiny/2": (TEACHER_PATH, TEACHER_REBUILD), "SiT-Tiny/2": (SIT_TEACHER_PATH, SIT_TEACHER_REBUILD)}
-SIT_SAMPLER = dict(mode="ODE", sampling_method="euler")  # fixed steps, so NFE matches DiT's DDPM steps
 HELD_OUT_FRACTION = 0.2
 SPLIT_SEED = 0
 
@@ -195,19 +193,20 @@ def load_digits_teacher(path=None, device="cpu", model=TEACHER_MODEL):
     return create_model(model, LATENT_SHAPE, NUM_CLASSES, path).to(device).eval()
 
 
-def sample_digits(model, labels, num_steps=50, cfg_scale=1.0, seed=0, sampler="ddpm", device="cpu", family="DiT"):
-    """Class-conditional DiT (DDPM/DDIM) or SiT (ODE, SIT_SAMPLER) samples as uint8 (N, 8, 8, 3). Image i's noise comes from its own
+def sample_digits(model, labels, num_steps=50, cfg_scale=1.0, seed=0, sampler="ddpm", device="cpu"):
+    """Class-conditional samples as uint8 (N, 8, 8, 3) with the family's fixed-step sampler (DiT: --sampler DDPM/DDIM;
+    SiT: Euler ODE, the transport defaults the SiT teacher was trained with). Image i's noise comes from its own
     generator (seed * 2**20 + i), so results do not depend on the batch or the global RNG.
 
     Guidance covers all channels: DiT's official "first 3 channels" rule would, for a 1-channel
     model with learned sigma, also guide the variance output.
     """
-    from .sampling import make_sampler, per_sample_noise
-    args = argparse.Namespace(mode=None, sampler=sampler, num_sampling_steps=num_steps, guide_all_channels=True)
-    if family == "SiT":  # the transport defaults (Linear, velocity) the SiT teacher was trained with
-        args = argparse.Namespace(**{**vars(args), **SIT_SAMPLER}, atol=1e-6, rtol=1e-3, reverse=False, path_type="Linear",
-                                  prediction="velocity", loss_weight=None, train_eps=None, sample_eps=None)
-    run = make_sampler(family, args)
+    from .cli import sampling_flags
+    from .families import family_of_model
+    from .sampling import per_sample_noise
+    family = family_of_model(model)
+    run = family.sampler(sampling_flags([*family.fixed_step_sampler_argv, "--sampler", sampler,
+                                         "--num-sampling-steps", num_steps, "--guide-all-channels"]))
     seeds = [seed * 2**20 + i for i in range(len(labels))]
     noise_fn = per_sample_noise(seeds, device)
     z = noise_fn(torch.empty(len(labels), model.in_channels, model.input_size, model.input_size))
@@ -227,7 +226,7 @@ def evaluate_teacher(ref_batch, n=200, num_steps=25, cfg_scale=TEACHER_CFG, teac
     extractor = DigitsExtractor(load_digits_classifier(classifier))
     labels = np.arange(n) % NUM_CLASSES
     images = sample_digits(load_digits_teacher(teacher, model=model), labels, num_steps=num_steps, cfg_scale=cfg_scale,
-                           seed=0, family=model.split("-")[0])
+                           seed=0)
     noise = np.random.default_rng(0).integers(0, 256, images.shape, dtype=np.uint8)
     out = {"model": model, "samples": n, "sampling_steps": num_steps, "cfg_scale": cfg_scale,
            "class_accuracy": class_accuracy(extractor, images, labels),

@@ -19,7 +19,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
-from .errors import UserError
+from core.errors import UserError
 
 CACHE_ENV = "TINYFUSION_CACHE"
 OFFLINE_ENV = "TINYFUSION_OFFLINE"  # set to 1: never touch the network, report what to fetch instead

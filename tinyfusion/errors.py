@@ -1,9 +1,7 @@
-"""User-facing errors: one clear line that says what is wrong and how to fix it."""
+"""Script-level error handling: a UserError (core.errors) becomes one line on stderr and exit 2."""
 import sys
 
-
-class UserError(Exception):
-    """Bad input from the user (flags, files, configs). Scripts print it as one line and exit 2."""
+from core.errors import UserError
 
 
 def run_main(main, *args, **kwargs):

@@ -24,11 +24,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from core.errors import UserError
 from .checkpoint import atomic_path
 from .data import (FORMAT_VERSION, TEXT_FORMAT_VERSION, drop_unreadable_images, open_captioned_images,
                    open_image_folder, unreadable_images)
 from .download import sha256_of
-from .errors import UserError
 from .outputs import check_output_dir
 from .runtime import setup_runtime
 from .text import load_prompt_encoder

@@ -18,9 +18,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models.inception import BasicConv2d, InceptionA, InceptionB, InceptionC, InceptionD, InceptionE
 
+from core.errors import UserError
 from tinyfusion.checkpoint import load_checkpoint
 from tinyfusion.download import RELEASES, resolve
-from tinyfusion.errors import UserError
 
 WEIGHTS_ENV = "TINYFUSION_INCEPTION_WEIGHTS"
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"

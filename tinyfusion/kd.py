@@ -9,7 +9,8 @@ for scripts written against the official code and for train_masked_kd.py). By de
   massive activations: each hidden state is zeroed where it lies 2 std or more from its own per-sample
   mean (--rep-mask both). Ours (--rep-mask teacher): the difference is masked with the teacher's mask only.
 SiT (transport loss) and MAR (DiffLoss network outputs over the masked tokens) use L_KD = MSE of the
-outputs and the same L_Rep. beta decays linearly from beta_start to beta_end over training.
+outputs and the same L_Rep. What differs per family lives in its objective (tinyfusion/families/):
+`kd_attach` installs the hooks, `kd_loss` computes the terms (usually ending in `combine`). beta decays linearly from beta_start to beta_end over training.
 The teacher is frozen, in eval mode, outside DDP, and runs under inference mode and the student's
 autocast (fp16 by default on CUDA, as the official code); with teacher_dtype=torch.bfloat16 its weights
 are stored in bf16 (half the memory) and it runs under bf16 autocast whatever the student's precision.
@@ -19,9 +20,8 @@ import json
 
 import torch
 
-from diffusion import REP_MASKS, masked_rep_loss, mean_flat
-from diffusion.gaussian_diffusion import store_feature
-from .errors import UserError
+from core.errors import UserError
+from diffusion import REP_MASKS, masked_rep_loss
 
 
 # The official train_masked_kd.py's fixed tables: student name -> (teacher depth, student blocks, teacher blocks).
@@ -136,8 +136,6 @@ class MaskedKDObjective:
                             f"depth-pruned students need a teacher of the same width")
         if rep_mask not in REP_MASKS:
             raise UserError(f"unknown --rep-mask {rep_mask!r}: choose one of {', '.join(REP_MASKS)}")
-        self.mar = getattr(student, "family", "") == "MAR"
-        self.ddpm = hasattr(base, "diffusion") and not self.mar
         self.base, self.teacher, self.layer_map = base, teacher.eval().requires_grad_(False), layer_map
         self.teacher_dtype = teacher_dtype
         if teacher_dtype is not None:
@@ -145,15 +143,7 @@ class MaskedKDObjective:
         self.alpha_kd, self.beta_range, self.mask_std = alpha_kd, (beta_start, beta_end), mask_std
         self.alpha_diff = 1.0 - alpha_kd if alpha_diff is None else alpha_diff
         self.rep_mask, self.kd_channels = rep_mask, kd_channels
-        if self.ddpm:  # the official set-up: `target_layer` on the student's blocks, `.feature` hooks on both
-            for s, t in layer_map:
-                student.blocks[s].target_layer = t
-                student.blocks[s].register_forward_hook(store_feature)
-                teacher.blocks[t].register_forward_hook(store_feature)
-            self.frozen_teacher = FrozenTeacher(teacher, self.teacher_mode)
-        else:
-            self.student_h = HiddenStates(student, [s for s, _ in layer_map])
-            self.teacher_h = HiddenStates(teacher, [t for _, t in layer_map])
+        base.kd_attach(self, student, teacher)  # the family's objective installs what its kd_loss needs
         self.beta = beta_start
 
     def draw(self, n, generator):
@@ -174,42 +164,22 @@ class MaskedKDObjective:
         self.beta = start + (end - start) * step / max(total - 1, 1)
 
     def loss(self, model, x, y, draws, step):
-        if self.ddpm:
-            terms = self.base.diffusion.training_losses_kd_rep(
-                model, self.frozen_teacher, x, draws["t"], dict(y=y, force_drop_ids=draws["drop"]),
-                noise=draws["noise"], beta_feat=self.beta, alpha_kd=self.alpha_kd, alpha_diff=self.alpha_diff,
-                kd_channels=self.kd_channels, rep_mask=self.rep_mask, mask_std=self.mask_std)
-            return terms["loss"], self._logs(terms["kd_loss"], terms["gt"], terms["feat_loss"])
-        diff_loss, kd, logs = self._mar_terms(model, x, y, draws) if self.mar else self._sit_terms(model, x, y, draws, step)
+        return self.base.kd_loss(self, model, x, y, draws, step)
+
+    def attach_hidden_states(self, student, teacher):
+        """Collect the mapped blocks' outputs of both models in every forward (for `combine`)."""
+        self.student_h = HiddenStates(student, [s for s, _ in self.layer_map])
+        self.teacher_h = HiddenStates(teacher, [t for _, t in self.layer_map])
+
+    def combine(self, diff_loss, kd, logs):
+        """(a_KD * kd + a_Diff * diff_loss + beta * L_Rep, logs) per sample, L_Rep from the hidden states of this
+        step (attach_hidden_states); diff_loss and kd (B,) are the family's student loss and output KD term."""
         hs, ht = self.student_h.pop(), self.teacher_h.pop()
         rep = sum(masked_rep_loss(hs[s], ht[t], self.mask_std, self.rep_mask)
                   for s, t in self.layer_map) / len(self.layer_map)
         total = self.alpha_kd * kd + self.alpha_diff * diff_loss + self.beta * rep
-        return total, {**logs, **self._logs(kd, diff_loss, rep)}
+        return total, {**logs, **self.logs(kd, diff_loss, rep)}
 
-    def _logs(self, kd, diff_loss, rep):
+    def logs(self, kd, diff_loss, rep):
         return {"kd": kd.mean().detach(), "diff": diff_loss.mean().detach(), "rep": rep.mean().detach(),
                 "beta": torch.tensor(self.beta)}
-
-    def _mar_terms(self, model, x, y, draws):
-        """MAR: KD on the DiffLoss network's prediction for the same noisy tokens, over masked tokens."""
-        from .mar_objectives import mar_kd_terms, masked_token_mean
-        terms = mar_kd_terms(model, self.teacher, x, y, draws, teacher_mode=self.teacher_mode)
-        sq = ((terms["student_out"] - terms["teacher_out"].to(terms["student_out"].dtype)) ** 2).mean(-1)
-        return terms["student_loss"], masked_token_mean(sq, terms["mask"]), {}
-
-    def _sit_terms(self, model, x, y, draws, step):
-        captured = {}
-
-        def student(*args, **kwargs):  # the base loss calls the model once; keep its output for L_KD
-            captured["out"] = model(*args, **kwargs)
-            return captured["out"]
-
-        diff_loss, logs = self.base.loss(student, x, y, draws, step)
-        with torch.no_grad():
-            t = draws["t"].to(x)
-            _, xt, _ = self.base.transport.path_sampler.plan(t, draws["noise"].to(x), x)
-        with self.teacher_mode():
-            teacher_out = self.teacher(xt, t, y, force_drop_ids=draws["drop"])
-        kd = mean_flat((captured["out"] - teacher_out.to(captured["out"].dtype)) ** 2)
-        return diff_loss, kd, logs

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from scipy import linalg
 
-from tinyfusion.errors import UserError
+from core.errors import UserError
 from tinyfusion.npz import iter_npz_batches, npz_array_info, npz_keys, validate_sample_batch
 
 PR_K = 3  # neighbourhood size of ADM's ManifoldEstimator

@@ -10,7 +10,7 @@ import zipfile
 
 import numpy as np
 
-from tinyfusion.errors import UserError
+from core.errors import UserError
 from tinyfusion.outputs import check_output_file
 
 MAX_SAVE_IMAGES = 50_000

@@ -2,7 +2,7 @@
 import os
 import tempfile
 
-from .errors import UserError
+from core.errors import UserError
 
 
 def check_output_dir(folder, flag, shown=None):

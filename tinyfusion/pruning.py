@@ -20,10 +20,9 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from core.errors import UserError
 from models.layer_mask import LayerMask, attach_layer_mask, detach_layer_mask, model_blocks
-
 from .checkpoint import atomic_path, check_state_dict, save_weights
-from .errors import UserError
 
 # BK-SDM "oracle" for XL -> D14 (the README once had 14 instead of 15; this is the fixed list).
 ORACLE_KEPT = {28: [0, 2, 4, 6, 8, 10, 12, 15, 17, 19, 21, 23, 25, 27]}
@@ -91,19 +90,10 @@ def kept_state_dict(state_dict, block_lists, kept):
 
 
 def pruned_model_name(source_name, kept, depths):
-    """Registry name of the pruned model: DiT-XL/2 + 14 kept -> 'DiT-D14/2'; DiT-S/2 + 6 -> 'DiT-S-D6/2';
-    MAR-L + 8 enc / 8 dec -> 'MAR-L-D16', uneven -> 'MAR-L-E10D6' (models/mar.py's MARRegistry)."""
-    counts = [len(local) for local in split_kept(kept, depths)]
-    m = re.match(r"^(DiT|SiT)-(?:(S|B|L|XL|Tiny)|(?:(S|B|L|XL|Tiny)-)?D\d+)/(\d+)$", source_name)
-    if m:
-        size = m.group(2) or m.group(3) or "XL"
-        return f"{m.group(1)}-{'' if size == 'XL' else size + '-'}D{sum(counts)}/{m.group(4)}"
-    m = re.match(r"^MAR-(?:(B|L|H)-?)?(?:D\d+|E\d+D\d+)?$", source_name)
-    if m and len(counts) == 2:
-        size, (enc, dec) = m.group(1) or "L", counts
-        return f"MAR-{size}-D{enc + dec}" if enc == dec else f"MAR-{size}-E{enc}D{dec}"
-    raise UserError(f"cannot name a depth-pruned {source_name!r}: expected a DiT/SiT/MAR registry name "
-                    f"such as DiT-XL/2, SiT-S/2 or MAR-L")
+    """Name of the pruned model: DiT-XL/2 + 14 kept -> 'DiT-D14/2'; MAR-L + 8 enc / 8 dec -> 'MAR-L-D16'
+    (each family's pruned_name)."""
+    from .families import family_for
+    return family_for(source_name).pruned_name(source_name, [len(local) for local in split_kept(kept, depths)])
 
 
 # ----------------------------------------------------------------------------- records and files
@@ -147,16 +137,17 @@ def write_pruned(path, source_model, source_checkpoint, state_dict, block_lists,
     """Everything a pruning script does after choosing `kept`: slice + renumber the original weights,
     name the result, check it against that registry model (built on the meta device, when
     `model_kwargs` is given), and write weights + record. Returns (pruned model name, record)."""
+    from .families import family_for
+    family = family_for(source_model)
     depths = block_depths(state_dict, block_lists)
     kept = parse_kept_indices(list(kept), sum(depths))
     pruned = kept_state_dict(state_dict, block_lists, kept)
-    name = pruned_model_name(source_model, kept, depths)
+    name = family.pruned_name(source_model, [len(local) for local in split_kept(kept, depths)])
     if model_kwargs is not None:
-        from models import build_model
         with torch.device("meta"):
-            check_state_dict(build_model(name, **model_kwargs), pruned, name, path)
+            check_state_dict(family.registry[name](**model_kwargs), pruned, name, path)
     record = make_record(source_model, source_checkpoint, name, kept, sum(depths), method, **extra)
-    save_pruned(path, pruned, record)
+    family.export_pruned(path, pruned, record)
     return name, record
 
 

@@ -24,14 +24,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models import family_of
+from core.errors import UserError
 from .checkpoint import atomic_path
 from .cli import create_model, latent_shape_for
 from .download import default_checkpoint, resolve
-from .errors import UserError
+from .families import family_for
 from .npz import NpzWriter
 from .outputs import check_output_dir, check_output_file
-from .sampling import denoiser_precision, load_decoder, make_sampler, per_sample_noise, prepare_denoiser, to_uint8
+from .sampling import denoiser_precision, per_sample_noise, prepare_denoiser, to_uint8
 
 STREAM_INPUTS, STREAM_STEPS, STREAM_CHUNK = 0, 1, 2
 # Flags that only say where and how many images go: a restart may change them.
@@ -177,8 +177,8 @@ def check_args(args):
 def sample_fid_batch(args, rt):
     """Run the whole job on runtime `rt`; returns the npz path on rank 0 (None elsewhere)."""
     check_args(args)
-    family = family_of(args.model)
-    sampler = make_sampler(family, args)  # bad sampler flags fail before anything is loaded
+    family = family_for(args.model)
+    sampler = family.sampler(args)  # bad sampler flags fail before anything is loaded
     shape = latent_shape_for(args)
     folder = os.path.join(args.sample_dir, folder_name(args, sampler.name))
     out_path = args.out or f"{folder}.npz"
@@ -195,7 +195,7 @@ def sample_fid_batch(args, rt):
 
     ckpt = resolve(args.ckpt or default_checkpoint(args.model, args.image_size, args.num_classes))  # fetched first
     model = prepare_denoiser(create_model(args.model, shape, args.num_classes, ckpt).to(rt.device).eval(), args)
-    decode = load_decoder(family, args.vae, rt.device, args.channels_last)
+    decode = family.decoder(args.vae, rt.device, args.channels_last)
     if rt.is_main:
         os.makedirs(store.root, exist_ok=True)
         store.check_settings(settings, write=True)

@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from .errors import UserError
+from core.errors import UserError
 
 # Pipeline class -> {tensor name: position in encode_prompt's returned tuple}.
 PIXART_OUTPUTS = {"prompt_embeds": 0, "prompt_attention_mask": 1}

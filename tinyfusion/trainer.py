@@ -24,10 +24,10 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from core.errors import UserError
 from models import set_grad_checkpointing
 from .checkpoint import check_state_dict, load_checkpoint, remove_stale_temporaries, save_checkpoint, save_weights
 from .ema import EMA
-from .errors import UserError
 from .logging import RunLogger
 from .outputs import check_output_dir, check_output_file
 

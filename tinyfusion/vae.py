@@ -16,8 +16,8 @@ import os
 
 import torch
 
+from core.errors import UserError
 from .download import release_of, resolve
-from .errors import UserError
 
 VAE_SHORTCUTS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
 SD_SCALE = 0.18215  # sd-vae-ft-{ema,mse}; a local folder's config.scaling_factor wins if it has one

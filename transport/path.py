@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from tinyfusion.errors import UserError
+from core.errors import UserError
 
 
 class TransportError(UserError, ValueError):

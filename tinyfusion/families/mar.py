@@ -1,4 +1,4 @@
-"""MAR's training loss in the one training loop (trainer.Trainer), and MAR terms for distillation.
+"""MAR: KL-16 latents, the masked-token DiffLoss objective and its distillation terms, AR sampling.
 
 A MAR step is random in the token order, the mask ratio (one per batch), the label drop and the
 DiffLoss step t and noise (plus dropout). `MARObjective.draw` makes all of them from the trainer's
@@ -21,22 +21,19 @@ params, biases and the DiffLoss (see `mar_param_groups`), grad clip 3.0 (--grad-
 """
 import contextlib
 import math
+import os
 
+import numpy as np
 import torch
 
+from core.errors import UserError
+from models import MAR, MAR_models
 from models.layer_mask import model_blocks
 from models.mar import mask_by_order
-from .errors import UserError
+from ..download import release_of, resolve
+from .base import Family, unwrap
 
-
-def unwrap(model):
-    """The MAR module inside DDP / torch.compile wrappers."""
-    while True:
-        inner = getattr(model, "module", None)
-        inner = getattr(model, "_orig_mod", None) if inner is None else inner
-        if inner is None:
-            return model
-        model = inner
+VAE_STRIDE, LATENT_CHANNELS = 16, 16  # MAR works on KL-16 latents: 16 channels, image / 16
 
 
 class MARObjective:
@@ -60,6 +57,15 @@ class MARObjective:
     def loss(self, model, x, y, draws, step):
         out = run_mar(model, x, y, draws)
         return out["loss"].expand(len(x)), {}
+
+    def kd_attach(self, kd, student, teacher):
+        kd.attach_hidden_states(student, teacher)
+
+    def kd_loss(self, kd, model, x, y, draws, step):
+        """L_KD on the DiffLoss network's prediction for the same noisy tokens, over the masked tokens."""
+        terms = mar_kd_terms(model, kd.teacher, x, y, draws, teacher_mode=kd.teacher_mode)
+        sq = ((terms["student_out"] - terms["teacher_out"].to(terms["student_out"].dtype)) ** 2).mean(-1)
+        return kd.combine(terms["student_loss"], masked_token_mean(sq, terms["mask"]), {})
 
 
 def diffusion_draws(model, seeds, device):
@@ -181,3 +187,83 @@ def mar_param_groups(model, weight_decay=0.02, betas=(0.9, 0.95)):
             (no_decay if skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay, "betas": tuple(betas)},
             {"params": no_decay, "weight_decay": 0.0, "betas": tuple(betas)}]
+
+
+class MARSampler:
+    """MAR's autoregressive sampler: `num_iter` steps of the cosine schedule, DiffLoss per token, KL-16 latents out."""
+
+    def __init__(self, args):
+        from models.mar import CFG_SCHEDULES
+        self.num_iter, self.schedule, self.temperature = args.num_iter, args.cfg_schedule, args.temperature
+        if args.cfg_schedule not in CFG_SCHEDULES:
+            raise UserError(f"--cfg-schedule {args.cfg_schedule!r} is not a MAR schedule: use one of "
+                            f"{', '.join(CFG_SCHEDULES)}")
+        if args.num_iter < 1:
+            raise UserError(f"--num-iter {args.num_iter} must be at least 1 (MAR's default is 64; 256 for the paper FID)")
+        vae = getattr(args, "vae", "")  # checked here, before any model is loaded
+        if vae != "" and not os.path.isfile(str(vae)) and not release_of(str(vae)):
+            raise UserError(f"--vae {vae} is not a file: MAR decodes (and its 16-channel latents only become images) "
+                            f"with its own KL-16 VAE; pass --vae <path to MAR's kl16.ckpt> (or --vae kl16.ckpt: fetched)")
+        self.name = f"iter{args.num_iter}-{args.cfg_schedule}-temp{args.temperature}"
+
+    def __call__(self, model, z, y, cfg_scale, use_cfg=True, noise_fn=None, progress=False):
+        # MAR draws its orders from numpy's global RNG and its DiffLoss noise from torch's. Seeding numpy from
+        # torch's global RNG (which the scripts seed per run, sample_ddp per chunk) makes the samples a function
+        # of the torch seed alone. z only fixes the batch size (MAR starts from empty tokens, not noise).
+        np.random.seed(int(torch.randint(0, 2**32, ()).item()))
+        with torch.no_grad():
+            return model.sample_tokens(len(y), num_iter=self.num_iter, cfg=cfg_scale if use_cfg else 1.0,
+                                       cfg_schedule=self.schedule, labels=y, temperature=self.temperature,
+                                       progress=progress)
+
+
+class MARFamily(Family):
+    name, registry, model_classes = "MAR", MAR_models, (MAR,)
+    weight_key_prefixes = ("encoder_blocks.",)
+    smoke_kwargs = dict(encoder_embed_dim=64, encoder_num_heads=4, decoder_embed_dim=64, decoder_num_heads=4,
+                        buffer_size=4, diffloss_d=1, diffloss_w=64, num_sampling_steps="2")
+
+    def latent_shape(self, args, store=None):
+        """16 x image/16 x image/16 (KL-16 latents)."""
+        if args.image_size % VAE_STRIDE:
+            raise UserError(f"--image-size {args.image_size} is not a multiple of 16 (MAR's KL-16 stride): use e.g. "
+                            f"{max(16, args.image_size // 16 * 16)}")
+        side = args.image_size // VAE_STRIDE
+        return (LATENT_CHANNELS, side, side)
+
+    def model_kwargs(self, name, latent_shape, num_classes):
+        """MAR's own keywords: image size in pixels (latent side x stride) and class_num."""
+        return dict(img_size=latent_shape[-1] * VAE_STRIDE, vae_stride=VAE_STRIDE, class_num=num_classes)
+
+    def objective(self, latent_shape, args=None, class_dropout_prob=0.1):
+        return MARObjective(latent_shape, label_drop_prob=class_dropout_prob)
+
+    def param_groups(self, model, args):
+        return mar_param_groups(model, args.weight_decay)
+
+    def score_inputs(self, model_name, method, calibration):
+        if method == "output-error":  # MAR's forward returns its loss, not an output
+            raise UserError(f"--method output-error is for DiT/SiT; for {model_name} use bi, sensitivity, magnitude "
+                            f"or random")
+        return super().score_inputs(model_name, method, calibration)
+
+    def pruned_name(self, source_name, counts):
+        """MAR-L + 8 encoder / 8 decoder blocks -> 'MAR-L-D16', uneven -> 'MAR-L-E10D6' (models/mar.py's MARRegistry)."""
+        import re
+        m = re.match(r"^MAR-(?:(B|L|H)-?)?(?:D\d+|E\d+D\d+)?$", source_name)
+        if not m or len(counts) != 2:
+            raise UserError(f"cannot name a depth-pruned {source_name!r}: expected a MAR registry name such as MAR-L")
+        size, (enc, dec) = m.group(1) or "L", counts
+        return f"MAR-{size}-D{enc + dec}" if enc == dec else f"MAR-{size}-E{enc}D{dec}"
+
+    def sampler(self, args):
+        return MARSampler(args)
+
+    def decoder(self, vae, device, channels_last=False):
+        """KL-16 (a checkpoint path or the release kl16.ckpt, fetched), or none."""
+        if vae in (None, "none"):
+            return super().decoder(vae, device, channels_last)
+        from models.kl16 import MAR_LATENT_SCALE, load_kl16
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        kl16 = load_kl16(resolve(vae)).to(device, memory_format=fmt)
+        return lambda z: kl16.decode((z / MAR_LATENT_SCALE).contiguous(memory_format=fmt)).clamp(-1, 1).contiguous()
