@@ -3,7 +3,7 @@ Encode an ImageFolder with the SD VAE into a sharded, memory-mapped feature stor
 
     torchrun --nproc_per_node=8 extract_features.py --data-path data/imagenet/train \
         --features-path data/imagenet_encoded --image-size 256 --vae ema
-MAR (KL-16 posterior moments, as MAR's main_cache.py):  ... --vae kl16.ckpt --features-path data/imagenet_kl16
+MAR (KL-16 posterior moments, as MAR's main_cache.py):  ... --model MAR-L --features-path data/imagenet_kl16
 Text-to-image (PixArt, SD3): images listed in a JSONL captions file ({"image": relpath, "caption": text} per
 line), latents from <pipeline>/vae and the prompt embeddings of the pipeline's own encode_prompt:
     ... --data-path data/images --captions data/captions.jsonl --pipeline pretrained/PixArt-XL-2-512x512 \
@@ -23,9 +23,8 @@ from tinyfusion.runtime import setup_runtime
 
 
 def main(args):
-    if args.model is not None:  # accepted for the reference's command line; only checked
-        from tinyfusion.families import family_for
-        family_for(args.model)
+    from tinyfusion.families import family_for
+    family = family_for(args.model) if args.model is not None else None  # its encoder (MAR: KL-16)
     rt = setup_runtime(args.device)
     try:
         batch_size = rt.per_rank(args.global_batch_size) if args.global_batch_size else args.batch_size
@@ -36,7 +35,7 @@ def main(args):
                          dtype=args.dtype, store=args.store, shard_size=args.shard_size, limit=args.limit,
                          channels=args.channels, runtime=rt, channels_last=args.channels_last,
                          bad_images=args.bad_images, captions=args.captions, pipeline=args.pipeline,
-                         max_sequence_length=args.max_sequence_length, text_dtype=args.text_dtype)
+                         max_sequence_length=args.max_sequence_length, text_dtype=args.text_dtype, family=family)
     finally:
         rt.shutdown()
 
@@ -47,11 +46,13 @@ def build_parser():
                         help="ImageFolder root (one subfolder per class), or with --captions the folder its image paths "
                              "are relative to")
     parser.add_argument("--features-path", "--feature-path", type=str, required=True, help="output store folder")
-    parser.add_argument("--model", type=str, default=None, help="accepted for compatibility; only validated")
+    parser.add_argument("--model", type=str, default=None,
+                        help="the family whose VAE encodes: DiT/SiT (SD VAE, the default) or MAR (KL-16: --vae "
+                             "defaults to kl16.ckpt and the store to moments, as MAR's main_cache.py)")
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--vae", type=str, default=None,
-                        help="ema | mse | <hub id> | <local folder> | none | <KL-16 checkpoint, e.g. kl16.ckpt> "
-                             "(default: <pipeline>/vae with --pipeline, else ema)")
+                        help="ema | mse | <hub id> | <local folder> | none; MAR: a KL-16 checkpoint "
+                             "(default: <pipeline>/vae with --pipeline; MAR kl16.ckpt; else ema)")
     batch = parser.add_mutually_exclusive_group()
     batch.add_argument("--global-batch-size", type=int, default=None, help="split over the processes")
     batch.add_argument("--batch-size", type=int, default=32, help="images per process and step")

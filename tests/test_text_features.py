@@ -272,7 +272,9 @@ def test_kl16_moments_store_for_mar(tmp_path, monkeypatch):
     import models.mar as mar
     from models import MAR_models
     from models.kl16 import AutoencoderKL
-    from tinyfusion.vae import KL16VAE, load_vae
+    from tinyfusion.families import family_for
+    from tinyfusion.families.mar import KL16VAE
+    from tinyfusion.vae import load_vae
     torch.manual_seed(0)
     kl16 = AutoencoderKL(**TINY_KL16).eval()
     rng = np.random.default_rng(1)
@@ -299,9 +301,17 @@ def test_kl16_moments_store_for_mar(tmp_path, monkeypatch):
             eps = torch.randn(16, 4, 4, generator=torch.Generator().manual_seed(11))
             want = (post.mean[0] + torch.exp(0.5 * post.logvar[0]) * eps) * 0.2325
             torch.testing.assert_close(store[(i, flip, 11)][0], want, rtol=1e-5, atol=1e-6)
-    # A checkpoint file given as --vae is read as MAR's KL-16 (here one of the wrong architecture: refused).
+    # The MAR family encodes with KL-16: --vae is a checkpoint (here of the wrong architecture: refused), by
+    # default the release kl16.ckpt (offline in tests: the message names it); the SD VAE loader points there.
     torch.save({"model": kl16.state_dict()}, tmp_path / "kl16_tiny.ckpt")
+    mar_family = family_for("MAR-B")
     with pytest.raises(UserError, match="does not fit the KL-16 VAE"):
+        mar_family.encoder(str(tmp_path / "kl16_tiny.ckpt"), "cpu")
+    with pytest.raises(UserError, match="cannot download kl16.ckpt"):
+        mar_family.encoder(None, "cpu")
+    with pytest.raises(UserError, match="is not a file: MAR encodes"):
+        mar_family.encoder(str(tmp_path / "no.ckpt"), "cpu")
+    with pytest.raises(UserError, match="is a file.*--model MAR-L"):
         load_vae(str(tmp_path / "kl16_tiny.ckpt"))
     # MAR trains on the store through train.py (a tiny MAR-B patched into the registry).
     import train as train_script

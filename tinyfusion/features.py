@@ -29,10 +29,11 @@ from .checkpoint import atomic_path
 from .data import (FORMAT_VERSION, TEXT_FORMAT_VERSION, drop_unreadable_images, open_captioned_images,
                    open_image_folder, unreadable_images)
 from .download import sha256_of
+from .families import Family
 from .outputs import check_output_dir
 from .runtime import setup_runtime
 from .text import load_prompt_encoder
-from .vae import gaussian_noise, load_vae, sample_moments, scale_latents
+from .vae import gaussian_noise, sample_moments, scale_latents
 
 DTYPES = {"fp32": np.float32, "fp16": np.float16}
 
@@ -156,12 +157,13 @@ def _text_settings(encoder, captions, device, dtype):
 def extract_features(data_path, features_path, image_size=256, vae=None, batch_size=32, num_workers=4,
                      global_seed=0, dtype="fp32", store=None, shard_size=50_000, limit=None, channels=3,
                      runtime=None, channels_last=False, bad_images="stop", captions=None, pipeline=None,
-                     max_sequence_length=None, text_dtype="fp32"):
+                     max_sequence_length=None, text_dtype="fp32", family=None):
     """Encode an ImageFolder (or the images of a captions file, with their prompt embeddings from the text encoders
     of `pipeline`) into a sharded feature store; resumes an interrupted run. Returns the manifest.
 
-    vae: None = the pipeline's vae/ with `pipeline`, else "ema"; a name, folder or checkpoint (see load_vae), or
-    an already loaded VAE object. store: None = the VAE's default (KL-16: "moments", as MAR's main_cache.py)."""
+    vae: None = the pipeline's vae/ with `pipeline`, else the family's default; a name, folder or checkpoint
+    (`family.encoder`; no family: the SD VAE's load_vae), or an already loaded VAE object.
+    store: None = the VAE's default (MAR's KL-16: "moments", as MAR's main_cache.py)."""
     rt = runtime or setup_runtime()
     if (captions is None) != (pipeline is None):
         raise UserError("--captions and --pipeline go together: the captions are encoded with the pipeline's text "
@@ -172,9 +174,9 @@ def extract_features(data_path, features_path, image_size=256, vae=None, batch_s
         raise UserError(f"--shard-size {shard_size} and --limit {limit} must be >= 1")
     check_output_dir(features_path, "--features-path")
     encoder = load_prompt_encoder(pipeline, rt.device, text_dtype, max_sequence_length) if pipeline else None
-    if vae is None:
-        vae = os.path.join(os.path.expanduser(pipeline), "vae") if pipeline else "ema"
-    coder = vae if hasattr(vae, "moments") else load_vae(vae, rt.device, channels=channels, channels_last=channels_last)
+    if vae is None and pipeline:
+        vae = os.path.join(os.path.expanduser(pipeline), "vae")
+    coder = vae if hasattr(vae, "moments") else (family or Family()).encoder(vae, rt.device, channels, channels_last)
     store = store or coder.default_store
     if coder.in_channels != channels:
         raise UserError(f"VAE {coder.name} takes {coder.in_channels}-channel images, not --channels {channels}")

@@ -12,12 +12,13 @@ import torch
 
 from core.errors import UserError
 
-# Pipeline class -> {tensor name: position in encode_prompt's returned tuple}.
-PIXART_OUTPUTS = {"prompt_embeds": 0, "prompt_attention_mask": 1}
+# Pipeline class -> ({tensor name: position in encode_prompt's returned tuple}, extra encode_prompt arguments).
+PIXART = ({"prompt_embeds": 0, "prompt_attention_mask": 1}, {})
 TEXT_PIPELINES = {
-    "PixArtAlphaPipeline": PIXART_OUTPUTS,
-    "PixArtSigmaPipeline": PIXART_OUTPUTS,
-    "StableDiffusion3Pipeline": {"prompt_embeds": 0, "pooled_prompt_embeds": 2},
+    "PixArtAlphaPipeline": PIXART,
+    "PixArtSigmaPipeline": PIXART,
+    # SD3's prompt_2 / prompt_3 (for its second CLIP and T5) None = the same caption, as its __call__ does.
+    "StableDiffusion3Pipeline": ({"prompt_embeds": 0, "pooled_prompt_embeds": 2}, {"prompt_2": None, "prompt_3": None}),
 }
 TEXT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TEXT_PARTS = ("tokenizer", "text_encoder")  # model_index.json entries starting with these are loaded
@@ -29,7 +30,7 @@ class PromptEncoder:
     def __init__(self, pipeline, folder, max_sequence_length, dtype):
         self.pipeline, self.folder, self.dtype = pipeline, folder, dtype
         self.class_name = type(pipeline).__name__
-        self.outputs = TEXT_PIPELINES[self.class_name]
+        self.outputs, self.extra_args = TEXT_PIPELINES[self.class_name]
         self.max_sequence_length = max_sequence_length
 
     @property
@@ -43,9 +44,8 @@ class PromptEncoder:
 
     @torch.no_grad()
     def __call__(self, prompts, device):
-        kwargs = {"prompt_2": None, "prompt_3": None} if self.class_name == "StableDiffusion3Pipeline" else {}
         out = self.pipeline.encode_prompt(list(prompts), do_classifier_free_guidance=False, device=device,
-                                          max_sequence_length=self.max_sequence_length, **kwargs)
+                                          max_sequence_length=self.max_sequence_length, **self.extra_args)
         return {name: out[i].cpu() for name, i in self.outputs.items()}
 
 
@@ -81,7 +81,7 @@ def load_prompt_encoder(folder, device="cpu", dtype="fp32", max_sequence_length=
         if not os.path.isdir(os.path.join(folder, k)):
             raise UserError(f"{os.path.join(folder, k)} does not exist, but {folder}/model_index.json lists it: "
                             f"download the pipeline's {k} into it")
-    if index["_class_name"] == "StableDiffusion3Pipeline" and "text_encoder_3" not in text:
+    if "text_encoder_3" in parts and "text_encoder_3" not in text:  # SD3 without T5 needs the transformer's width
         raise UserError(f"--pipeline {folder} has no text_encoder_3 (T5): SD3 stores are extracted with all three "
                         f"text encoders; download text_encoder_3/ and tokenizer_3/")
     cls = getattr(diffusers, index["_class_name"])

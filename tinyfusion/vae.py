@@ -1,4 +1,4 @@
-"""Latent autoencoders behind one small interface: the SD VAE (diffusers AutoencoderKL), MAR's KL-16, or none.
+"""Latent autoencoders behind one small interface: the SD VAE (diffusers AutoencoderKL) or none.
 
 Every object returned by `load_vae` has
   `.encode(x, generator=None)` images in [-1, 1] (B,3,H,W) -> scaled latent *samples* (B,C,H/d,W/d),
@@ -7,9 +7,9 @@ Every object returned by `load_vae` has
   `.scale`, `.shift`, `.downsample` (d), `.latent_channels`, `.in_channels`, `.name`, `.stochastic`,
   `.default_store` (what extract_features.py writes by default: "latents" or "moments").
 DiT/SiT use the SD VAE: latent = posterior sample x 0.18215 (a sample, not the mean), decode after
-dividing by it (SD3's VAE also subtracts its shift_factor first). MAR's KL-16 (a checkpoint file, e.g.
-kl16.ckpt): latent = sample x 0.2325. `IdentityVAE` (`--vae none`) treats pixels as the latent (scale 1, d = 1), for the
-tiny pixel-space demo. Loading never needs the network when the weights are in the HF cache or in a
+dividing by it (SD3's VAE also subtracts its shift_factor first). MAR's KL-16 (families/mar.py's
+KL16VAE, the same interface): latent = sample x 0.2325. `IdentityVAE` (`--vae none`) treats pixels
+as the latent (scale 1, d = 1), for the tiny pixel-space demo. Loading never needs the network when the weights are in the HF cache or in a
 local folder; offline misses become one UserError that says how to fix them.
 """
 import os
@@ -17,7 +17,6 @@ import os
 import torch
 
 from core.errors import UserError
-from .download import release_of, resolve
 
 VAE_SHORTCUTS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
 SD_SCALE = 0.18215  # sd-vae-ft-{ema,mse}; a local folder's config.scaling_factor wins if it has one
@@ -31,6 +30,11 @@ def sample_moments(mean, logvar, noise):
 def scale_latents(z, scale, shift=0.0):
     """VAE latent -> what the model sees: (z - shift) x scale (shift is 0 except for SD3's VAE)."""
     return (z - shift) * scale if shift else z * scale
+
+
+def unscale_latents(z, scale, shift=0.0):
+    """The inverse of scale_latents: what the VAE decoder takes."""
+    return z / scale + shift if shift else z / scale
 
 
 def gaussian_noise(shape, generator=None, device="cpu", dtype=torch.float32):
@@ -50,8 +54,9 @@ def gaussian_noise(shape, generator=None, device="cpu", dtype=torch.float32):
     return noise.to(device=device, dtype=dtype)
 
 
-class _PosteriorVAE:
-    """What the SD VAE and MAR's KL-16 share: a Gaussian posterior, latent = (sample - shift) x scale."""
+class PosteriorVAE:
+    """What the SD VAE and MAR's KL-16 (tinyfusion/families/mar.py) share: a Gaussian posterior, latent =
+    (sample - shift) x scale. Subclasses set vae, name, scale, downsample, channels; define moments and _decode."""
     stochastic = True
     shift = 0.0
     default_store = "latents"
@@ -82,10 +87,10 @@ class _PosteriorVAE:
 
     @torch.no_grad()
     def decode(self, z):
-        return self._decode(self._input(z) / self.scale + self.shift).clamp(-1, 1).contiguous()
+        return self._decode(unscale_latents(self._input(z), self.scale, self.shift)).clamp(-1, 1).contiguous()
 
 
-class SDVAE(_PosteriorVAE):
+class SDVAE(PosteriorVAE):
     """A diffusers AutoencoderKL with the latent scale (and SD3's shift) applied on encode and undone on decode."""
 
     def __init__(self, autoencoder, name="AutoencoderKL"):
@@ -105,27 +110,6 @@ class SDVAE(_PosteriorVAE):
 
     def _decode(self, z):
         return self.vae.decode(z).sample
-
-
-class KL16VAE(_PosteriorVAE):
-    """MAR's KL-16 (models/kl16.py): 16 channels, stride 16, latent = sample x 0.2325. Stores default to the
-    posterior moments, as MAR's main_cache.py writes them."""
-    default_store = "moments"
-
-    def __init__(self, autoencoder, name="kl16"):
-        from models.kl16 import MAR_LATENT_SCALE
-        self.vae = autoencoder.eval().requires_grad_(False)
-        self.name, self.scale = name, MAR_LATENT_SCALE
-        self.downsample, self.latent_channels = autoencoder.stride, autoencoder.embed_dim
-        self.in_channels = autoencoder.encoder.conv_in.in_channels
-
-    @torch.no_grad()
-    def moments(self, x):
-        posterior = self.vae.encode(self._input(x))
-        return posterior.mean.contiguous(), posterior.logvar.contiguous()
-
-    def _decode(self, z):
-        return self.vae.decode(z)
 
 
 class IdentityVAE:
@@ -180,10 +164,9 @@ def load_vae(name_or_path="ema", device="cpu", channels=3, channels_last=False):
 def _load_vae(name_or_path, device, channels):
     if name_or_path in (None, "none"):
         return IdentityVAE(channels)
-    if os.path.isfile(os.path.expanduser(os.fspath(name_or_path))) or release_of(name_or_path) == release_of("kl16.ckpt"):
-        from models.kl16 import load_kl16  # a weights file (not a diffusers folder or hub id): MAR's KL-16
-        path = resolve(os.path.expanduser(os.fspath(name_or_path)))
-        return KL16VAE(load_kl16(path), name=os.path.abspath(path)).to(device)
+    if os.path.isfile(os.path.expanduser(os.fspath(name_or_path))):
+        raise UserError(f"--vae {name_or_path} is a file, not a diffusers AutoencoderKL folder: for MAR's KL-16 "
+                        f"checkpoint pass a MAR --model (e.g. --model MAR-L)")
     from diffusers.models import AutoencoderKL
     repo = resolve_vae_name(os.fspath(name_or_path))
     if os.path.isdir(os.path.expanduser(repo)):
