@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import runpy
+import shutil
 import subprocess
 import sys
 
@@ -179,6 +180,9 @@ def test_bad_inputs_are_one_line_and_write_nothing(text, tmp_path, capsys, monke
     refused(r"captions file .*nofile.jsonl does not exist", captions=tmp_path / "nofile.jsonl")
     refused(r"--pipeline .*nopipe does not exist", captions=root / "captions.jsonl", pipeline=str(tmp_path / "nopipe"))
     refused(r"--captions and --pipeline go together", captions=root / "captions.jsonl", pipeline=None)
+    shutil.copytree(pipes["pixart"], tmp_path / "no_t5", ignore=shutil.ignore_patterns("text_encoder"))
+    refused(r"no_t5/text_encoder does not exist, but .*model_index.json lists it", captions=root / "captions.jsonl",
+            pipeline=str(tmp_path / "no_t5"))
     (tmp_path / "dit").mkdir()
     (tmp_path / "dit" / "model_index.json").write_text(json.dumps({"_class_name": "DiTPipeline"}))
     refused(r"is a DiTPipeline; text encoding supports PixArtAlphaPipeline, PixArtSigmaPipeline, StableDiffusion3",
