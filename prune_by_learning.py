@@ -21,7 +21,7 @@ from tinyfusion.families import family_for
 from tinyfusion.mask_learning import GATE_ESTIMATORS, MaskLearningObjective, plot_decisions, prepare_mask_learning
 from tinyfusion.pruning import pruned_summary, write_pruned
 from tinyfusion.runtime import seed_everything, setup_runtime
-from tinyfusion.trainer import Trainer, add_train_args, check_train_outputs, claim_run_dir
+from tinyfusion.trainer import TrainConfig, Trainer, add_train_args, check_train_outputs, claim_run_dir
 
 
 def build_parser():
@@ -90,7 +90,7 @@ def main(argv=None):
                                       args.scaling_range, args.soft_mask_steps, args.draws_per_sample,
                                       args.gate_estimator)
     out_dir = claim_run_dir(os.path.join(args.results_dir, f"{args.prefix}-{base_name.replace('/', '-')}"), args.resume)
-    trainer = Trainer(rt, model, objective, store, args, param_groups=param_groups, results_dir=out_dir)
+    trainer = Trainer(rt, model, objective, store, TrainConfig.from_args(args), param_groups=param_groups, results_dir=out_dir)
     objective.ema_mask = trainer.ema.model.layer_mask
     total = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     trainable = sum(p.numel() for g in param_groups for p in g["params"])

@@ -14,7 +14,7 @@ from tinyfusion.cli import add_model_args, add_transport_args, create_model, ope
 from tinyfusion.errors import run_main
 from tinyfusion.families import family_for
 from tinyfusion.runtime import seed_everything, setup_runtime
-from tinyfusion.trainer import Trainer, add_train_args, check_train_outputs, experiment_dir
+from tinyfusion.trainer import TrainConfig, Trainer, add_train_args, check_train_outputs, experiment_dir
 
 
 def build_parser():
@@ -39,7 +39,7 @@ def main(argv=None):
     store, shape = open_training_data(args, args.model)
     model = create_model(args.model, shape, args.num_classes, args.load_weight)
     objective = family.objective(shape, args)
-    trainer = Trainer(rt, model, objective, store, args, param_groups=family.param_groups(model, args),
+    trainer = Trainer(rt, model, objective, store, TrainConfig.from_args(args), param_groups=family.param_groups(model, args),
                       results_dir=experiment_dir(args, args.model))
     trainer.logger.info(f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters, "
                         f"{len(store):,} training latents from {args.data_path}")

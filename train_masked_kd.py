@@ -24,7 +24,7 @@ from tinyfusion.families import family_for
 from tinyfusion.kd import LAYER_MAP_SOURCES, MaskedKDObjective, choose_layer_map
 from tinyfusion.pruning import read_record
 from tinyfusion.runtime import seed_everything, setup_runtime
-from tinyfusion.trainer import Trainer, add_train_args, check_train_outputs, experiment_dir
+from tinyfusion.trainer import TrainConfig, Trainer, add_train_args, check_train_outputs, experiment_dir
 
 
 def build_parser():
@@ -78,7 +78,7 @@ def main(argv=None):
                                   args.alpha_kd, args.alpha_diff, beta, args.beta_end, args.mask_std,
                                   teacher_dtype=torch.bfloat16 if args.teacher_precision == "bf16" else None,
                                   rep_mask=args.rep_mask, kd_channels=args.kd_channels)
-    trainer = Trainer(rt, student, objective, store, args, results_dir=experiment_dir(args, args.model))
+    trainer = Trainer(rt, student, objective, store, TrainConfig.from_args(args), results_dir=experiment_dir(args, args.model))
     trainer.logger.info(f"student {args.model} ({student.depth} blocks) <- teacher {args.teacher} "
                         f"({teacher.depth} blocks); layer map {layer_map} from {origin}; beta {beta} -> {args.beta_end}")
     trainer.fit().finish(args.save_model)

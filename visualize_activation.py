@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from core.errors import UserError
+from models.layer_mask import model_blocks
 from tinyfusion.cli import add_image_args, create_model, latent_shape_for
 from tinyfusion.digits import TEACHER_PATH, load_split
 from tinyfusion.errors import run_main
@@ -56,7 +57,7 @@ def collect(model, family, args, shape):
     g = torch.Generator().manual_seed(args.seed)
     x0, y, source = inputs(args, shape, args.num_samples, g)
     objective = family.objective(shape, args)
-    blocks = [b for name in model.block_lists for b in getattr(model, name)]
+    blocks = model_blocks(model)
     hooks = HiddenStates(model, range(len(blocks)))
     stats, maps = {}, {}
     for step in args.timesteps:

@@ -26,7 +26,7 @@ from core.errors import UserError
 from tinyfusion.data import open_feature_store
 from tinyfusion.runtime import Runtime
 from tinyfusion.synthetic import write_feature_store
-from tinyfusion.trainer import GlobalBatchSampler, Trainer
+from tinyfusion.trainer import GlobalBatchSampler, TrainConfig, Trainer
 
 PRESETS = dict(cpu=dict(count=20000, batch_size=256, num_workers=2, warmup=2, iters=1),
                cuda=dict(count=20000, batch_size=256, num_workers=4, warmup=2, iters=1),
@@ -96,8 +96,8 @@ def read_pass(store, args, device, seed):
     """Images/s of one pass of `args.batches` batches, the first `args.warmup` untimed."""
     # The trainer's own DataLoader, on a stand-in that carries just what Trainer.loader reads.
     trainer = SimpleNamespace(dataset=store, step=0, rt=Runtime(device=device),
-                              args=SimpleNamespace(global_batch_size=args.batch_size, global_seed=seed,
-                                                   num_workers=args.num_workers))
+                              config=TrainConfig(global_batch_size=args.batch_size, global_seed=seed,
+                                                 num_workers=args.num_workers))
     loader = Trainer.loader(trainer)
     batches = iter(loader)
     for _ in range(args.warmup):

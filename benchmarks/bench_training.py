@@ -35,7 +35,7 @@ from tinyfusion.families import family_for
 from tinyfusion.logging import RunLogger
 from tinyfusion.mask_learning import MaskLearningObjective, prepare_mask_learning
 from tinyfusion.runtime import Runtime
-from tinyfusion.trainer import Trainer, add_train_args
+from tinyfusion.trainer import TrainConfig, Trainer
 
 try:  # masked KD may be missing from older checkouts; the row is then skipped
     from tinyfusion.kd import MaskedKDObjective, layer_map_from_record
@@ -77,14 +77,11 @@ def build_parser():
 
 
 def trainer_args(args, results_dir):
-    """train.py's own defaults (add_train_args), with the benchmark's batch and switches."""
-    parser = argparse.ArgumentParser()
-    add_train_args(parser)
-    a = parser.parse_args([])
-    a.global_batch_size, a.max_steps, a.precision, a.compile = args.batch_size, 10**6, args.precision, args.compile
-    a.grad_clip, a.results_dir, a.num_workers = 1.0, results_dir, 0  # grad clip 1.0: mask learning and KD use it
-    a.fused_adamw, a.grad_checkpointing = args.fused, args.grad_checkpointing
-    return a
+    """The training loop's defaults (TrainConfig), with the benchmark's batch and switches."""
+    return TrainConfig(global_batch_size=args.batch_size, max_steps=10**6, precision=args.precision,
+                       compile=args.compile, grad_clip=1.0,  # grad clip 1.0: mask learning and KD use it
+                       results_dir=results_dir, num_workers=0, fused_adamw=args.fused,
+                       grad_checkpointing=args.grad_checkpointing)
 
 
 def setup(config, args, device):

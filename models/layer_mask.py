@@ -25,8 +25,13 @@ Gate estimators (ours, off by default): `soft` masks are the Gumbel-softmax samp
 pathwise gradient); with `straight_through` off the hard masks carry no gate gradient and `log_prob` gives
 the drawn options' log-probability for a score-function estimator (tinyfusion.mask_learning).
 
-`attach_layer_mask` keeps every parameter name (blocks are re-classed, not wrapped), so LoRA,
-EMA (deepcopy) and DDP work unchanged; the mask itself lives at `model.layer_mask`.
+Blocks are re-classed, not wrapped: `attach_layer_mask` sets each block's class to a cached subclass
+`Masked<Block>` (the `_MaskedBlock` mixin in front of the block's own class) and the model's to
+`Masked<Model>` (which draws fresh masks at the start of each pass); `detach_layer_mask` restores both.
+So every parameter name and state-dict key stays official (the mask adds only its own `layer_mask.*`
+entries, at `model.layer_mask`), `isinstance(block, DiTBlock)` and `isinstance(model, DiT)` still hold
+while `type(...)` is the Masked subclass, and LoRA, EMA (deepcopy) and DDP work unchanged
+(tests/test_layer_mask.py: test_reclassing_keeps_names_and_isinstance).
 """
 import contextlib
 import functools

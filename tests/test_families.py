@@ -90,8 +90,7 @@ def test_family_of_model_looks_through_wrappers():
     sit = SiT(input_size=4, patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=3)
     assert family_of_model(dit).name == "DiT" and family_of_model(sit).name == "SiT"  # SiT subclasses DiT
     assert family_of_model(SimpleNamespace(module=sit)).name == "SiT"
-    with pytest.raises(ValueError):
-        family_of_model(torch.nn.Linear(2, 2))
+    assert family_of_model(torch.nn.Linear(2, 2)) is None
 
 
 def test_latent_shapes_and_constructor_keywords():
@@ -112,3 +111,34 @@ def test_a_checkpoint_of_another_family_names_both():
     mar_weights = {"encoder_blocks.0.attn.qkv.weight": torch.zeros(1)}
     with pytest.raises(UserError, match="is a MAR checkpoint but --model DiT-S/2 is a DiT model"):
         check_state_dict(dit, mar_weights, "DiT-S/2", "mar.pt")
+
+
+def test_a_new_family_is_one_class_and_one_registry_entry(tmp_path, monkeypatch):
+    """A family registered in FAMILIES (nothing else edited) trains with train.py and prunes with
+    prune_by_index.py, its own names all the way through."""
+    import prune_by_index
+    import train
+    from models.registry import ModelRegistry, _fixed
+    from test_train import TINY, make_store
+    from tinyfusion.families import dit
+    from tinyfusion.pruning import read_record
+
+    class ToyDiT(DiT):
+        family = "Toy"
+
+    class ToyFamily(dit.DiTFamily):
+        name, model_classes = "Toy", (ToyDiT,)
+        registry = ModelRegistry("Toy", ToyDiT, _fixed(ToyDiT, "Toy"), "'Toy-S-D2/2'")
+
+    monkeypatch.setattr("tinyfusion.families.FAMILIES", [*FAMILIES, ToyFamily()])
+    store = make_store(str(tmp_path / "store"), n=16)
+    weights = str(tmp_path / "toy.pt")
+    train.main(["--model", "Toy-S-D2/2", "--data-path", store, "--results-dir", str(tmp_path / "out"), "--prefix",
+                "toy", "--max-steps", "2", "--global-batch-size", "8", "--device", "cpu", "--save-model", weights, *TINY])
+    pruned = str(tmp_path / "pruned.pt")
+    prune_by_index.main(prune_by_index.build_parser().parse_args(
+        ["--model", "Toy-S-D2/2", "--ckpt", weights, "--kept-indices", "[1]", "--save-model", pruned, *TINY[:4]]))
+    record = read_record(pruned)
+    assert record["pruned_model"] == "Toy-S-D1/2" and record["kept"] == [1]
+    model = family_for("Toy-S-D1/2").load("Toy-S-D1/2", (4, 4, 4), 4, pruned)
+    assert type(model) is ToyDiT and family_of_model(model).name == "Toy" and model.depth == 1

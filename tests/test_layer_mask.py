@@ -216,6 +216,22 @@ def test_pinned_masks_skip_blocks_and_detach_restores_the_model():
         assert (model(x, t, y) - skipped).abs().max() <= 1e-5
 
 
+def test_reclassing_keeps_names_and_isinstance():
+    """What models/layer_mask.py's docstring promises: blocks and model are re-classed, not wrapped."""
+    from models.dit import DiTBlock
+    from tinyfusion.families import family_of_model
+    model = tiny_model(SiT, depth=4)
+    names = [n for n, _ in model.named_parameters()]
+    attach_layer_mask(model, LayerMask([(1, 2), (1, 2)]))
+    assert [n for n, _ in model.named_parameters() if not n.startswith("layer_mask.")] == names
+    assert type(model).__name__ == "MaskedSiT" and type(model) is not SiT and isinstance(model, SiT)
+    assert all(isinstance(b, DiTBlock) and type(b).__name__ == "MaskedDiTBlock" for b in model.blocks)
+    assert not any(n.startswith("blocks.") and "layer_mask" in n for n, _ in model.named_parameters())
+    assert family_of_model(model).name == "SiT"  # the most derived family class decides
+    detach_layer_mask(model)
+    assert type(model) is SiT and all(type(b) is DiTBlock for b in model.blocks)
+
+
 def test_attach_refuses_a_mask_of_the_wrong_depth():
     with pytest.raises(UserError, match="cover 6 blocks but the model has 8"):
         attach_layer_mask(tiny_model(), LayerMask([(1, 2)] * 3))

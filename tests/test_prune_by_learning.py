@@ -12,7 +12,7 @@ from test_train import make_store
 from tinyfusion.checkpoint import load_weights, read_weights, save_weights
 from tinyfusion.families.dit import DiffusionObjective
 from tinyfusion.runtime import Runtime
-from tinyfusion.trainer import Trainer
+from tinyfusion.trainer import TrainConfig, Trainer
 
 KW = dict(input_size=4, num_classes=4)
 
@@ -24,12 +24,10 @@ def planted(tmp_path_factory):
     store = make_store(str(root / "store"), n=64)
     torch.manual_seed(0)
     small = build_model("DiT-Tiny-D2/2", **KW)
-    args = SimpleNamespace(global_batch_size=16, max_steps=300, epochs=1, lr=2e-3, lr_schedule="constant",
-                           lr_min=0.0, warmup_steps=0, weight_decay=0.0, grad_clip=1.0, ema_decay=0.0,
-                           precision="fp32", global_seed=0, num_workers=0, log_every=1000, ckpt_every=10_000,
-                           keep_last=0, resume=None, compile=False, results_dir=str(root / "pre"))
+    config = TrainConfig(global_batch_size=16, max_steps=300, lr=2e-3, grad_clip=1.0, ema_decay=0.0, num_workers=0,
+                         log_every=1000, ckpt_every=10_000, results_dir=str(root / "pre"))
     from tinyfusion.data import open_feature_store
-    Trainer(Runtime(), small, DiffusionObjective((4, 4, 4)), open_feature_store(store), args).fit()
+    Trainer(Runtime(), small, DiffusionObjective((4, 4, 4)), open_feature_store(store), config).fit()
     big = build_model("DiT-Tiny-D4/2", **KW)
     sd = big.state_dict()
     trained = small.state_dict()

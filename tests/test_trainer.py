@@ -1,6 +1,5 @@
 """Trainer.train_step switches: non-finite steps are skipped exactly (fused and unfused AdamW),
 fused == unfused numerically, gradient checkpointing gives the same gradients, bf16 KD teacher."""
-import argparse
 
 import pytest
 import torch
@@ -11,19 +10,15 @@ from tinyfusion.families.dit import DiffusionObjective
 from tinyfusion.kd import MaskedKDObjective
 from tinyfusion.logging import RunLogger
 from tinyfusion.runtime import Runtime
-from tinyfusion.trainer import Trainer, add_train_args
+from tinyfusion.trainer import TrainConfig, Trainer
 
 SHAPE = (4, 4, 4)
 
 
 def trainer_for(model, objective, tmp_path, **overrides):
-    parser = argparse.ArgumentParser()
-    add_train_args(parser)
-    args = parser.parse_args([])
-    args.global_batch_size, args.max_steps, args.results_dir, args.num_workers = 4, 100, str(tmp_path), 0
-    args.ema_decay, args.lr = 0.9, 1e-2
-    vars(args).update(overrides)
-    return Trainer(Runtime(), model, objective, range(4), args, logger=RunLogger(None, is_main=False))
+    config = TrainConfig(**{**dict(global_batch_size=4, max_steps=100, results_dir=str(tmp_path), num_workers=0,
+                                   ema_decay=0.9, lr=1e-2), **overrides})
+    return Trainer(Runtime(), model, objective, range(4), config, logger=RunLogger(None, is_main=False))
 
 
 class PoisonedObjective(DiffusionObjective):
@@ -146,3 +141,28 @@ def test_bf16_teacher_runs_in_inference_mode_and_stays_close(tmp_path):
         assert next(t.parameters()).dtype == (dtype or torch.float32)
     for key in ("kd", "rep"):
         torch.testing.assert_close(logs[torch.bfloat16][key], logs[None][key], rtol=2e-2, atol=1e-4, msg=key)
+
+
+def test_config_takes_every_training_flag_of_the_scripts():
+    import train
+    parser = train.build_parser()
+    args = parser.parse_args(["--data-path", "d", "--max-steps", "7", "--lr", "3e-3", "--no-fused-adamw", "--resume",
+                              "auto", "--grad-checkpointing", "--model", "SiT-S/2"])
+    config = TrainConfig.from_args(args)
+    loop_flags = {a.dest for g in parser._action_groups if g.title == "training loop" for a in g._group_actions}
+    fields = set(vars(config))
+    assert loop_flags - fields == {"prefix", "tf32", "device"}  # script-level: the run folder and the runtime
+    assert all(getattr(config, k) == getattr(args, k) for k in loop_flags & fields)
+    assert (config.max_steps, config.lr, config.fused_adamw, config.grad_checkpointing) == (7, 3e-3, False, True)
+    assert config.model_name == "SiT-S/2" and config.record == vars(args)  # checkpoints keep every flag
+
+
+def test_checkpoints_store_the_scripts_flags_as_before(tmp_path):
+    from types import SimpleNamespace
+    args = SimpleNamespace(global_batch_size=4, max_steps=1, results_dir=str(tmp_path), num_workers=0,
+                           model="DiT-Tiny-D4/2", data_path="somewhere", ckpt_every=1)
+    trainer = Trainer(Runtime(), tiny_dit(), DiffusionObjective(SHAPE), range(4),
+                      TrainConfig.from_args(args), logger=RunLogger(None, is_main=False))
+    assert trainer.checkpoint_dict()["args"] == vars(args)
+    direct = trainer_for(tiny_dit(), DiffusionObjective(SHAPE), tmp_path)
+    assert direct.checkpoint_dict()["args"]["global_batch_size"] == 4 and "record" not in direct.checkpoint_dict()["args"]

@@ -76,11 +76,11 @@ def read_weights(name_or_path):
 
 def _families_mismatch(model, state_dict):
     """(families whose weights `state_dict` looks like, the model's family), when the model's is not among them."""
-    from .families import FAMILIES
-    model_family = next((f.name for f in FAMILIES if f.owns_model(model)), None)
-    file_families = [f.name for f in FAMILIES if f.owns_state_dict(state_dict)]
+    from .families import FAMILIES, family_of_model
+    model_family = family_of_model(model)
+    file_families = [f for f in FAMILIES if f.owns_state_dict(state_dict)]
     if model_family and file_families and model_family not in file_families:
-        return "/".join(file_families), model_family
+        return "/".join(f.name for f in file_families), model_family.name
     return None
 
 

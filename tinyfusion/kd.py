@@ -22,6 +22,7 @@ import torch
 
 from core.errors import UserError
 from diffusion import REP_MASKS, masked_rep_loss
+from models.layer_mask import model_blocks
 
 
 # The official train_masked_kd.py's fixed tables: student name -> (teacher depth, student blocks, teacher blocks).
@@ -95,15 +96,15 @@ def parse_layer_map(spec, student_depth, teacher_depth):
 
 
 def _width(model):
-    blocks = [b for name in model.block_lists for b in getattr(model, name)]
-    return blocks[0].attn.qkv.in_features
+    """Width of the hidden states: the input features of the first block's first Linear (any family)."""
+    return next(m.in_features for m in model_blocks(model)[0].modules() if isinstance(m, torch.nn.Linear))
 
 
 class HiddenStates:
     """Collects the outputs of selected blocks of a model during one forward pass."""
 
     def __init__(self, model, indices):
-        blocks = [b for name in model.block_lists for b in getattr(model, name)]
+        blocks = model_blocks(model)
         self.out = {}
         self.handles = [blocks[i].register_forward_hook(self._hook(i)) for i in sorted(set(indices))]
 

@@ -234,7 +234,7 @@ def _skip_batch(model, depth, run, method):
 @torch.no_grad()
 def score_blocks(model, method, batches=(), objective=None, seed=0):
     """Importance per global block (higher = keep). `batches` yields (x, y) on the model's device;
-    `objective` (tinyfusion.objectives) gives the calibration loss; its randomness (t, noise) is drawn
+    `objective` (the family's, tinyfusion/families/) gives the calibration loss; its randomness (t, noise) is drawn
     once per batch from `seed`, so every candidate sees the same t and noise."""
     if method not in SCORE_METHODS:
         raise UserError(f"unknown scoring method {method!r}: choose one of {', '.join(SCORE_METHODS)}")

@@ -19,6 +19,8 @@ import glob
 import math
 import os
 import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -32,36 +34,78 @@ from .logging import RunLogger
 from .outputs import check_output_dir, check_output_file
 
 
+@dataclass
+class TrainConfig:
+    """Everything the training loop reads. Scripts build it from their flags (`TrainConfig.from_args`);
+    code and tests may build it directly: TrainConfig(global_batch_size=4, max_steps=10, results_dir=...)."""
+    results_dir: str = "results"
+    global_batch_size: int = 256
+    epochs: int = 1400                  # used only when max_steps is None
+    max_steps: Optional[int] = None     # total optimizer steps
+    lr: float = 1e-4
+    lr_schedule: str = "constant"       # constant, cosine or linear (lr_factor)
+    lr_min: float = 0.0
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 0.0              # 0 disables
+    ema_decay: float = 0.9999
+    precision: str = "fp32"             # fp32, bf16 or fp16 (fp16 trains in fp32 off CUDA)
+    global_seed: int = 0
+    num_workers: int = 4
+    log_every: int = 100
+    ckpt_every: int = 50_000
+    keep_last: int = 0                  # 0 keeps every checkpoint
+    resume: Optional[str] = None        # a checkpoint path, or "auto"
+    max_nonfinite_steps: int = 100      # 0 never stops
+    compile: bool = False
+    grad_checkpointing: bool = False
+    fused_adamw: Optional[bool] = None  # None: on with CUDA
+    model_name: str = ""                # for messages
+    record: dict = field(default_factory=dict)  # stored in checkpoints as 'args' (scripts: all their flags)
+
+    @classmethod
+    def from_args(cls, args):
+        """The config of a training script's argparse namespace (add_train_args' flags; --model names the model);
+        the whole namespace is kept as `record`, the checkpoints' 'args' (as before the config existed)."""
+        names = {f.name for f in fields(cls)} - {"model_name", "record"}
+        return cls(**{k: getattr(args, k) for k in names if hasattr(args, k)}, model_name=getattr(args, "model", ""),
+                   record={k: v for k, v in vars(args).items() if _plain(v)})
+
+    def checkpoint_args(self):
+        return self.record or {k: v for k, v in asdict(self).items() if k != "record" and _plain(v)}
+
+
 def add_train_args(parser, lr=1e-4, ema_decay=0.9999, grad_clip=0.0, precision="fp32"):
-    """Flags shared by every training script (defaults per script via the arguments)."""
+    """Flags shared by every training script (defaults per script via the arguments, else TrainConfig's)."""
+    d = TrainConfig()
     g = parser.add_argument_group("training loop")
-    g.add_argument("--results-dir", type=str, default="results")
+    g.add_argument("--results-dir", type=str, default=d.results_dir)
     g.add_argument("--prefix", type=str, default=None, help="experiment folder name inside --results-dir")
-    g.add_argument("--global-batch-size", type=int, default=256)
-    g.add_argument("--epochs", type=int, default=1400, help="used only when --max-steps is not given")
-    g.add_argument("--max-steps", type=int, default=None, help="total optimizer steps (overrides --epochs)")
+    g.add_argument("--global-batch-size", type=int, default=d.global_batch_size)
+    g.add_argument("--epochs", type=int, default=d.epochs, help="used only when --max-steps is not given")
+    g.add_argument("--max-steps", type=int, default=d.max_steps, help="total optimizer steps (overrides --epochs)")
     g.add_argument("--lr", type=float, default=lr)
-    g.add_argument("--lr-schedule", choices=["constant", "cosine", "linear"], default="constant")
-    g.add_argument("--lr-min", type=float, default=0.0, help="final lr of the cosine/linear schedule")
-    g.add_argument("--warmup-steps", type=int, default=0)
-    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--lr-schedule", choices=["constant", "cosine", "linear"], default=d.lr_schedule)
+    g.add_argument("--lr-min", type=float, default=d.lr_min, help="final lr of the cosine/linear schedule")
+    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
     g.add_argument("--grad-clip", type=float, default=grad_clip, help="max global grad norm; 0 disables")
     g.add_argument("--ema-decay", type=float, default=ema_decay)
     g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=precision,
                    help="autocast dtype; fp16 adds a grad scaler and runs in fp32 on CPU")
-    g.add_argument("--global-seed", type=int, default=0)
-    g.add_argument("--num-workers", type=int, default=4)
-    g.add_argument("--log-every", type=int, default=100)
-    g.add_argument("--ckpt-every", type=int, default=50_000)
-    g.add_argument("--keep-last", type=int, default=0, help="keep only the last K checkpoints (0 keeps all)")
-    g.add_argument("--resume", type=str, default=None, help="a checkpoint path, or 'auto' for the latest one")
-    g.add_argument("--max-nonfinite-steps", type=int, default=100,
+    g.add_argument("--global-seed", type=int, default=d.global_seed)
+    g.add_argument("--num-workers", type=int, default=d.num_workers)
+    g.add_argument("--log-every", type=int, default=d.log_every)
+    g.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
+    g.add_argument("--keep-last", type=int, default=d.keep_last, help="keep only the last K checkpoints (0 keeps all)")
+    g.add_argument("--resume", type=str, default=d.resume, help="a checkpoint path, or 'auto' for the latest one")
+    g.add_argument("--max-nonfinite-steps", type=int, default=d.max_nonfinite_steps,
                    help="stop with an error after this many consecutive non-finite (skipped) steps, checked at "
                         "each log and checkpoint step; 0 never stops")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--grad-checkpointing", action="store_true",
                    help="recompute each block's activations in the backward pass: far less memory, ~1/3 more time")
-    g.add_argument("--fused-adamw", action=argparse.BooleanOptionalAction, default=None,
+    g.add_argument("--fused-adamw", action=argparse.BooleanOptionalAction, default=d.fused_adamw,
                    help="fused AdamW kernel, which also lets a non-finite step be skipped without a host-device "
                         "sync (default: on with CUDA; off on CPU, where there is no sync to save and the foreach "
                         "kernel keeps CPU runs bit-identical to earlier releases)")
@@ -130,51 +174,50 @@ def lr_factor(step, total, schedule, warmup, lr, lr_min):
 
 
 class Trainer:
-    """Runs `objective` on `model` over `dataset` for `total_steps` optimizer steps.
+    """Runs `objective` on `model` over `dataset` for `total_steps` optimizer steps, as `config` (TrainConfig) says.
 
     The objective provides `draw(n, generator) -> dict` (randomness for a global batch),
     `loss(model, x, y, draws, step) -> (per-sample loss, {name: scalar tensor})`, and
     optionally `begin_step(step, total)`, `log_line()`, `state_dict()`/`load_state_dict()`.
     """
 
-    def __init__(self, runtime, model, objective, dataset, args, param_groups=None, results_dir=None,
+    def __init__(self, runtime, model, objective, dataset, config, param_groups=None, results_dir=None,
                  ddp_find_unused=False, logger=None):
-        self.rt, self.args, self.objective, self.dataset = runtime, args, objective, dataset
+        self.rt, self.config, self.objective, self.dataset = runtime, config, objective, dataset
         self.model = model.to(runtime.device)
-        self.results_dir = results_dir or args.results_dir
+        self.results_dir = results_dir or config.results_dir
         self.ckpt_dir = os.path.join(self.results_dir, "checkpoints")
-        self.per_rank = runtime.per_rank(args.global_batch_size)
-        steps_per_epoch = len(dataset) // args.global_batch_size
-        self.total_steps = args.max_steps if args.max_steps is not None else args.epochs * steps_per_epoch
+        self.per_rank = runtime.per_rank(config.global_batch_size)
+        steps_per_epoch = len(dataset) // config.global_batch_size
+        self.total_steps = config.max_steps if config.max_steps is not None else config.epochs * steps_per_epoch
         if self.total_steps <= 0:
             raise UserError("nothing to train: set --max-steps or --epochs to a positive number")
-        self.ema = EMA(self.model, args.ema_decay)
+        self.ema = EMA(self.model, config.ema_decay)
         groups = param_groups or [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
         for g in groups:
-            g.setdefault("lr", args.lr)
+            g.setdefault("lr", config.lr)
             g["base_lr"] = g["lr"]
-        fused = getattr(args, "fused_adamw", None)
-        self.fused = runtime.device.type == "cuda" if fused is None else fused
-        self.opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay, fused=self.fused)
+        self.fused = runtime.device.type == "cuda" if config.fused_adamw is None else config.fused_adamw
+        self.opt = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay, fused=self.fused)
         # fp16 autocast is not usable on CPU: there the fp16 default (the official recipe) trains in fp32.
-        self.precision = "fp32" if args.precision == "fp16" and runtime.device.type != "cuda" else args.precision
+        self.precision = "fp32" if config.precision == "fp16" and runtime.device.type != "cuda" else config.precision
         self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=self.precision == "fp16")
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         self.step = 0
         self.skipped = torch.zeros((), dtype=torch.long, device=runtime.device)  # read only when logged/saved
         self.nonfinite_run = torch.zeros((), dtype=torch.long, device=runtime.device)  # consecutive, likewise
-        if getattr(args, "grad_checkpointing", False):
+        if config.grad_checkpointing:
             set_grad_checkpointing(self.model, True)
         self.logger = logger or RunLogger(self.results_dir, runtime.is_main)
         if runtime.is_main:
             remove_stale_temporaries(self.ckpt_dir)  # left by a write that was killed
-        if self.precision != args.precision:
+        if self.precision != config.precision:
             self.logger.info(f"--precision fp16 needs CUDA: training in fp32 on {runtime.device.type}")
         net = DDP(self.model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None,
                   find_unused_parameters=ddp_find_unused) if runtime.distributed else self.model
-        self.net = torch.compile(net) if args.compile else net
-        if args.resume:
-            self.restore(args.resume)
+        self.net = torch.compile(net) if config.compile else net
+        if config.resume:
+            self.restore(config.resume)
 
     # ---- checkpoints -------------------------------------------------------------------------
     def checkpoint_dict(self):
@@ -182,7 +225,7 @@ class Trainer:
         return {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
                 "scaler": self.scaler.state_dict(), "train_steps": self.step, "skipped_steps": int(self.skipped),
                 "nonfinite_run": int(self.nonfinite_run),
-                "objective": extra, "args": {k: v for k, v in vars(self.args).items() if _plain(v)}}
+                "objective": extra, "args": self.config.checkpoint_args()}
 
     def save(self):
         self.check_nonfinite()
@@ -192,8 +235,8 @@ class Trainer:
             self.logger.info(f"saved checkpoint {path}")
             remove_stale_temporaries(self.ckpt_dir)
             ckpts = sorted(glob.glob(os.path.join(self.ckpt_dir, "[0-9]*.pt")))
-            if self.args.keep_last > 0:
-                for old in ckpts[:-self.args.keep_last]:
+            if self.config.keep_last > 0:
+                for old in ckpts[:-self.config.keep_last]:
                     os.remove(old)
         self.rt.barrier()
 
@@ -208,7 +251,7 @@ class Trainer:
         if not isinstance(ckpt, dict) or "opt" not in ckpt or "train_steps" not in ckpt:
             raise UserError(f"--resume {path} is not a training checkpoint of this code (needs model/ema/opt/"
                             f"train_steps); to start from its weights use --load-weight instead")
-        check_state_dict(self.model, ckpt["model"], getattr(self.args, "model", type(self.model).__name__), path)
+        check_state_dict(self.model, ckpt["model"], self.config.model_name or type(self.model).__name__, path)
         self.model.load_state_dict(ckpt["model"])
         self.ema.load_state_dict(ckpt["ema"])
         self.opt.load_state_dict(ckpt["opt"])
@@ -222,25 +265,25 @@ class Trainer:
 
     # ---- the loop ----------------------------------------------------------------------------
     def loader(self):
-        sampler = GlobalBatchSampler(len(self.dataset), self.args.global_batch_size, self.rt.rank,
-                                     self.rt.world_size, self.args.global_seed, start_step=self.step,
+        sampler = GlobalBatchSampler(len(self.dataset), self.config.global_batch_size, self.rt.rank,
+                                     self.rt.world_size, self.config.global_seed, start_step=self.step,
                                      flip=getattr(self.dataset, "has_flips", False))
-        workers = self.args.num_workers
+        workers = self.config.num_workers
         return torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, num_workers=workers,
                                            pin_memory=self.rt.device.type == "cuda",
                                            persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
 
     def set_lr(self):
-        a = self.args
-        f = lr_factor(self.step, self.total_steps, a.lr_schedule, a.warmup_steps, a.lr, a.lr_min)
+        c = self.config
+        f = lr_factor(self.step, self.total_steps, c.lr_schedule, c.warmup_steps, c.lr, c.lr_min)
         for g in self.opt.param_groups:
             g["lr"] = g["base_lr"] * f
 
     def train_step(self, x, y):
-        a, rt = self.args, self.rt
-        torch.manual_seed(step_seed(a.global_seed, self.step, rt.rank))  # dropout etc. inside the model
-        gen = torch.Generator().manual_seed(step_seed(a.global_seed, self.step))
-        draws = self.objective.draw(a.global_batch_size, gen)
+        c, rt = self.config, self.rt
+        torch.manual_seed(step_seed(c.global_seed, self.step, rt.rank))  # dropout etc. inside the model
+        gen = torch.Generator().manual_seed(step_seed(c.global_seed, self.step))
+        draws = self.objective.draw(c.global_batch_size, gen)
         lo = rt.rank * self.per_rank
         draws = {k: v[lo:lo + self.per_rank].to(rt.device, non_blocking=True) for k, v in draws.items()}
         if hasattr(self.objective, "begin_step"):
@@ -253,8 +296,8 @@ class Trainer:
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.opt)
         params = [p for g in self.opt.param_groups for p in g["params"] if p.grad is not None]
-        if a.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(params, a.grad_clip)
+        if c.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
         else:
             norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         finite = torch.isfinite(loss) & torch.isfinite(norm)
@@ -277,9 +320,9 @@ class Trainer:
         return loss.detach(), logs
 
     def fit(self):
-        a, rt = self.args, self.rt
+        c, rt = self.config, self.rt
         self.logger.info(f"training {self.total_steps} steps from step {self.step}, global batch "
-                         f"{a.global_batch_size}, {rt.world_size} process(es) on {rt.device}")
+                         f"{c.global_batch_size}, {rt.world_size} process(es) on {rt.device}")
         self.model.train()
         running, count, t0 = torch.zeros((), device=rt.device), 0, time.time()
         if self.step >= self.total_steps:
@@ -289,16 +332,16 @@ class Trainer:
             loss, logs = self.train_step(x, y)
             running += loss
             count += 1
-            if self.step % a.log_every == 0 or self.step == self.total_steps:
+            if self.step % c.log_every == 0 or self.step == self.total_steps:
                 self.log(running / count, count, time.time() - t0, logs)
                 running, count, t0 = torch.zeros((), device=rt.device), 0, time.time()
-            if self.step % a.ckpt_every == 0 or self.step == self.total_steps:
+            if self.step % c.ckpt_every == 0 or self.step == self.total_steps:
                 self.save()
         return self
 
     def check_nonfinite(self):
         """Stop with one line once --max-nonfinite-steps consecutive steps were skipped (data or lr gone bad)."""
-        limit = getattr(self.args, "max_nonfinite_steps", 0)
+        limit = self.config.max_nonfinite_steps
         run = int(self.nonfinite_run)
         if limit and run >= limit:
             raise UserError(f"the last {run} steps (up to step {self.step}) all had a non-finite loss or gradient "
@@ -325,7 +368,7 @@ class Trainer:
         self.check_nonfinite()
         mean_loss = self.rt.all_reduce_mean(mean_loss).item()
         sps = steps / max(seconds, 1e-9)
-        values = {"loss": mean_loss, "steps_per_sec": sps, "images_per_sec": sps * self.args.global_batch_size,
+        values = {"loss": mean_loss, "steps_per_sec": sps, "images_per_sec": sps * self.config.global_batch_size,
                   "lr": self.opt.param_groups[0]["lr"], "skipped_steps": int(self.skipped)}
         values.update({k: float(v) for k, v in logs.items()})
         self.logger.scalars(self.step, values)

@@ -23,11 +23,13 @@ def family_for(name):
 
 
 def family_of_model(model):
-    """The family of a built model (DDP / compile wrappers are looked through)."""
-    for family in FAMILIES:
-        if family.owns_model(model):
-            return family
-    raise ValueError(f"{type(unwrap(model)).__name__} belongs to no model family")
+    """The family of a built model, or None. DDP / compile wrappers are looked through, and the most derived
+    class decides (a SiT is a DiT subclass; a layer-masked MaskedSiT is a SiT subclass)."""
+    for cls in type(unwrap(model)).__mro__:
+        for family in FAMILIES:
+            if cls in family.model_classes:
+                return family
+    return None
 
 
 __all__ = ["FAMILIES", "Family", "family_for", "family_of_model", "unwrap"]

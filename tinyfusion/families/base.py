@@ -3,9 +3,18 @@
 Scripts and the training loop get a family from `family_for(model_name)` (tinyfusion/families/__init__.py)
 and call its methods; they never compare family names. The defaults here are the behaviour most
 families share (SD-VAE latents, DiT-style constructor keywords and pruned names, strict weight
-loading); each family module overrides what differs. The interface is described in the README's
-developer section ("Model families").
+loading); each family module overrides what differs. Every model a family builds has `block_lists`
+(the names of its prunable nn.ModuleLists, in execution order) and `depth` (their total length).
+
+The objective a family makes (`Family.objective`) is used by the one training loop (trainer.py):
+  draw(n, generator) -> {name: tensor with first dim n}   all randomness of a step, for the global batch
+  loss(model, x, cond, draws, step) -> (loss (B,), logs)  on this rank's slice; cond: labels or a dict
+  kd_attach(kd, student, teacher)                         masked KD set-up (kd: tinyfusion.kd.MaskedKDObjective)
+  kd_loss(kd, model, x, cond, draws, step) -> (loss (B,), logs)   usually ends in kd.combine(diff, out_kd, logs)
+and optionally begin_step(step, total), state_dict() / load_state_dict(), log_line().
 """
+import re
+
 from core.errors import UserError
 
 
@@ -22,7 +31,7 @@ def unwrap(model):
 class Family:
     name = ""                    # shown in messages and records
     registry = None              # models' name -> constructor table (models/registry.py), for registry families
-    model_classes = ()           # the nn.Module classes this family builds
+    model_classes = ()           # the nn.Module classes this family builds (family_of_model)
     kd_beta = 1e-2               # masked KD's default initial L_Rep weight (paper Table 6)
     fixed_step_sampler_argv = ()  # sampling-script flags for a sampler with exactly --num-sampling-steps steps
     smoke_kwargs = dict(hidden_size=64, num_heads=4)  # constructor keywords: same depth, tiny width (smoke runs)
@@ -33,9 +42,6 @@ class Family:
     def owns(self, name):
         """Does this family build model `name` (a registry name; presets are resolved by family_for)?"""
         return self.registry is not None and name in self.registry
-
-    def owns_model(self, model):
-        return type(unwrap(model)) in self.model_classes
 
     def owns_state_dict(self, state_dict):
         return any(k.startswith(p) for k in state_dict for p in self.weight_key_prefixes)
@@ -94,7 +100,6 @@ class Family:
     def pruned_name(self, source_name, counts):
         """Registry name of the depth-pruned model with counts[i] blocks kept in block list i:
         DiT-XL/2 + [14] -> 'DiT-D14/2'; DiT-S/2 + [6] -> 'DiT-S-D6/2' (models/registry.py's names)."""
-        import re
         m = re.match(rf"^{self.name}-(?:(S|B|L|XL|Tiny)|(?:(S|B|L|XL|Tiny)-)?D\d+)/(\d+)$", source_name)
         if not m or len(counts) != 1:
             raise UserError(f"cannot name a depth-pruned {source_name!r}: expected a {self.name} registry name such "

@@ -22,6 +22,7 @@ params, biases and the DiffLoss (see `mar_param_groups`), grad clip 3.0 (--grad-
 import contextlib
 import math
 import os
+import re
 
 import numpy as np
 import torch
@@ -249,7 +250,6 @@ class MARFamily(Family):
 
     def pruned_name(self, source_name, counts):
         """MAR-L + 8 encoder / 8 decoder blocks -> 'MAR-L-D16', uneven -> 'MAR-L-E10D6' (models/mar.py's MARRegistry)."""
-        import re
         m = re.match(r"^MAR-(?:(B|L|H)-?)?(?:D\d+|E\d+D\d+)?$", source_name)
         if not m or len(counts) != 2:
             raise UserError(f"cannot name a depth-pruned {source_name!r}: expected a MAR registry name such as MAR-L")
