@@ -1,7 +1,6 @@
 """Text-conditioned feature stores (PixArt, SD3) and KL-16 stores for MAR, end to end with tiny local models:
 store layout and values against the pipelines' own encode_prompt and diffusers' VAE, resume after a kill,
 bad inputs, one training step per family on the store, and MAR training on a KL-16 moments store."""
-import argparse
 import json
 import os
 import runpy
@@ -18,7 +17,7 @@ from tinyfusion.data import open_captioned_images, open_feature_store, open_imag
 from tinyfusion.errors import UserError
 from tinyfusion.features import extract_features, image_seed
 from tinyfusion.runtime import Runtime
-from tinyfusion.trainer import GlobalBatchSampler, Trainer, add_train_args
+from tinyfusion.trainer import GlobalBatchSampler, TrainConfig, Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT}
@@ -204,16 +203,6 @@ def test_bad_inputs_are_one_line_and_write_nothing(text, tmp_path, capsys, monke
 
 # ------------------------------------------------------------------------------------- one training step per family
 
-def train_args(**kw):
-    parser = argparse.ArgumentParser()
-    add_train_args(parser)
-    args = parser.parse_args([])
-    for k, v in dict(global_batch_size=2, max_steps=1, num_workers=0, log_every=1, ckpt_every=1000, ema_decay=0.0,
-                     lr=1e-2, device="cpu", **kw).items():
-        setattr(args, k, v)
-    return args
-
-
 class PlainObjective:
     """A plain loss on the conditioning dict: DDPM noise prediction (PixArt) or rectified flow (SD3)."""
 
@@ -251,10 +240,11 @@ def test_one_training_step_per_family(text, tmp_path, family):
     projection = model.caption_projection if family == "pixart" else model.context_embedder
     before = {k: v.clone() for k, v in projection.state_dict().items()}
     objective = PlainObjective(family)
-    args = train_args(results_dir=str(tmp_path))
-    Trainer(Runtime(), model, objective, store, args, results_dir=str(tmp_path)).fit()
+    config = TrainConfig(global_batch_size=2, max_steps=1, num_workers=0, log_every=1, ema_decay=0.0, lr=1e-2,
+                         results_dir=str(tmp_path))
+    Trainer(Runtime(), model, objective, store, config).fit()
     # The batch reached the loss as the store's items of the sampler's first batch (latent + dict conditioning).
-    keys = next(iter(GlobalBatchSampler(len(store), 2, 0, 1, args.global_seed, flip=True)))
+    keys = next(iter(GlobalBatchSampler(len(store), 2, 0, 1, config.global_seed, flip=True)))
     x, cond = objective.seen[0]
     for row, key in enumerate(keys):
         want_x, want_cond = store[key]
