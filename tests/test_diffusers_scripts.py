@@ -163,3 +163,82 @@ def test_text_families_refuse_a_class_store(tmp_path, dit_store):
                                         "extract it with --captions"):
         learn(tmp_path, dit_store, "1:2", tmp_path / "transformer")
     assert not (tmp_path / "runs").exists()
+
+
+def write_text_store(path, latents, cond, null):
+    """A text store in extract_features' layout (format 2, one shard; 16c's reader): latents (N, C, H, W) and their
+    flips, cond {name: (N, ...)}, null {name: (...)} (the empty prompt's tensors)."""
+    import os
+    os.makedirs(path)
+    n, c, h, w = latents.shape
+    np.save(os.path.join(path, "latents-00000.npy"), np.stack([latents, latents[..., ::-1]], axis=1))
+    for name, array in {**cond, **{f"null-{k}": v for k, v in null.items()}}.items():
+        np.save(os.path.join(path, f"{name}-00000.npy" if name in cond else f"{name}.npy"), array)
+    manifest = {"format_version": 2, "conditioning": "text", "count": n, "latent_shape": [c, h, w],
+                "stored_shape": [c, h, w], "dtype": "float32", "store": "latents", "scale_factor": 1.0,
+                "shift_factor": 0.0, "vae": "pipeline/vae", "image_size": 8 * h, "channels": c, "flips": True,
+                "shard_size": n, "num_shards": 1,
+                "cond": {k: {"shape": list(v.shape[1:]), "dtype": str(v.dtype)} for k, v in cond.items()},
+                "null_cond": {k: f"null-{k}.npy" for k in null},
+                "shards": [{"latents": "latents-00000.npy", "count": n, "cond": {k: f"{k}-00000.npy" for k in cond}}]}
+    with open(os.path.join(path, "manifest.json"), "w") as f:
+        json.dump(manifest, f)
+    return path
+
+
+@pytest.fixture
+def text_stores(tmp_path):
+    rng = np.random.default_rng(0)
+    latents = rng.normal(size=(16, 4, 8, 8)).astype(np.float32)
+    embeds = rng.normal(size=(16, 5, 12)).astype(np.float32)
+    mask = (np.arange(5)[None] < rng.integers(1, 6, (16, 1))).astype(np.int8)
+    pixart = write_text_store(str(tmp_path / "pixart_store"), latents, {"prompt_embeds": embeds,
+                              "prompt_attention_mask": mask},
+                              {"prompt_embeds": np.zeros((5, 12), np.float32),
+                               "prompt_attention_mask": np.eye(5, dtype=np.int8)[0]})
+    sd3 = write_text_store(str(tmp_path / "sd3_store"), latents, {"prompt_embeds": embeds, "pooled_prompt_embeds":
+                           rng.normal(size=(16, 10)).astype(np.float32)},
+                           {"prompt_embeds": np.zeros((5, 12), np.float32), "pooled_prompt_embeds": np.zeros(10, np.float32)})
+    return {"PixArt": pixart, "SD3": sd3}
+
+
+@pytest.mark.parametrize("kind,groups", [("PixArt", "1:2"), ("SD3", "[[1,2],[1,1],[1,1]]")])
+def test_text_families_search_and_recover_through_the_scripts(kind, groups, tmp_path, text_stores):
+    """prune_by_learning (LoRA, caption dropout from the store's empty prompt) then train_masked_kd on a text store:
+    both write diffusers folders that load with from_pretrained."""
+    cls = getattr(diffusers, f"{'PixArt' if kind == 'PixArt' else 'SD3'}Transformer2DModel")
+    model = saved(kind, tmp_path / "transformer")
+    learn(tmp_path, text_stores[kind], groups, tmp_path / "transformer", steps=4)
+    record = json.loads((tmp_path / "pruned.json").read_text())
+    student = cls.from_pretrained(tmp_path / "pruned")
+    assert float((run(student, kind) - run(pruned_by_hand(model, record["kept"]), kind)).abs().max()) == 0.0
+    if kind == "SD3":
+        assert record["kept"][-1] == 3 and student.transformer_blocks[-1].context_pre_only
+    kd_main(["--model", f"diffusers:{tmp_path / 'pruned'}", "--teacher", f"diffusers:{tmp_path / 'transformer'}",
+             "--data-path", text_stores[kind], "--image-size", "64", "--num-workers", "0", "--global-batch-size", "8",
+             "--max-steps", "2", "--precision", "fp32", "--log-every", "1", "--results-dir", str(tmp_path / "kd"),
+             "--save-model", str(tmp_path / "recovered")])
+    recovered = cls.from_pretrained(tmp_path / "recovered")
+    assert recovered.config.num_layers == len(record["kept"])
+    assert any(not torch.equal(v, student.state_dict()[k]) for k, v in recovered.state_dict().items())
+
+
+def test_bi_score_on_an_sd3_text_store(tmp_path, text_stores):
+    saved("SD3", tmp_path / "transformer")
+    score_main(score_parser().parse_args([
+        "--model", f"diffusers:{tmp_path / 'transformer'}", "--method", "bi", "--n-pruned", "1",
+        "--save-model", str(tmp_path / "pruned"), "--data-path", text_stores["SD3"], "--nsamples", "8",
+        "--batch-size", "4", "--image-size", "64", "--device", "cpu"]))
+    record = json.loads((tmp_path / "pruned.json").read_text())
+    assert record["kept"][-1] == 3 and len(record["kept"]) == 3 and record["calibration"]["inputs"] == "noised"
+
+
+def test_caption_dropout_uses_the_stores_empty_prompt(tmp_path, text_stores):
+    from types import SimpleNamespace
+    saved("PixArt", tmp_path / "transformer")
+    args = SimpleNamespace(model=f"diffusers:{tmp_path / 'transformer'}", data_path=text_stores["PixArt"])
+    objective = family_for(args.model).objective((4, 8, 8), args)
+    assert objective.p_drop == 0.1
+    null = np.load(f"{text_stores['PixArt']}/null-prompt_attention_mask.npy")
+    assert objective.null_cond["prompt_attention_mask"].tolist() == null.tolist()
+    assert family_for(args.model).objective((4, 8, 8), args, class_dropout_prob=0.0).null_cond is None
