@@ -25,9 +25,19 @@ Also read through the same interface (`open_feature_store` detects the layout):
     as the reference's CustomDataset (lexicographic: 0, 1, 10, 100, ...).
   * MAR cache: <path>/<class>/<file>.npz with 'moments' and 'moments_flip' (2C, H, W); latent = sample x 0.2325.
 
+Text-conditioned stores (format_version 2, extract_features.py --captions ... --pipeline ...): the same
+layout without labels; per shard one `<name>-{k:05d}.npy` (n_k, *shape) per conditioning tensor the
+pipeline's `encode_prompt` returns (PixArt: prompt_embeds (L, D) + prompt_attention_mask (L,) int8; SD3:
+prompt_embeds (77 + L, D) + pooled_prompt_embeds (P,)), listed in shards[k]["cond"]; manifest keys
+conditioning "text", cond {name: {shape, dtype}}, text_encoder {pipeline, pipeline_class,
+max_sequence_length, dtype}, captions, captions_sha256, shift_factor (SD3's VAE), null_cond {name: file}
+(the empty prompt's tensors, `null-<name>.npy`). Captions file: JSONL lines {"image": path relative to
+--data-path, "caption": text}; index i = the i-th line.
+
 Keys: `store[i]` = (i, flip 0); `store[(i, flip)]`; `store[(i, flip, seed)]` where the seed fixes the
 posterior sample of stochastic (moments) stores. Flips and seeds come from the training sampler so a
-resumed run sees exactly the same data. Items are (latent float32 (C,H,W), label int64 tensor).
+resumed run sees exactly the same data. Items are (latent float32 (C,H,W), cond): cond is a 0-d int64
+label tensor (class stores) or a dict {name: tensor} (text stores: embeddings float32, masks int64).
 """
 import json
 import os
@@ -38,9 +48,10 @@ import torch
 from PIL import Image
 
 from core.errors import UserError
-from .vae import gaussian_noise, sample_moments
+from .vae import gaussian_noise, sample_moments, scale_latents
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1       # class-labelled stores
+TEXT_FORMAT_VERSION = 2  # text-conditioned stores (no labels, per-item conditioning tensors)
 MAR_SCALE = 0.2325
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -62,7 +73,9 @@ class BaseFeatureStore(torch.utils.data.Dataset):
     stochastic = False      # entries are (mean | logvar) moments that must be sampled
     has_flips = True
     num_classes = None
-    scale_factor = 1.0      # applied by the reader only for stochastic stores
+    scale_factor = 1.0      # applied by the reader only for stochastic stores (after subtracting shift_factor)
+    shift_factor = 0.0
+    conditioning = "class"  # or "text": items carry a dict of tensors instead of a label
 
     def __init__(self, path, latent_shape):
         self.path = os.fspath(path)
@@ -79,12 +92,15 @@ class BaseFeatureStore(torch.utils.data.Dataset):
             raise IndexError(f"index {index} out of range for a store of {len(self)} latents")
         if flip and not self.has_flips:
             raise UserError(f"feature store {self.path} holds no flipped latents: turn off flip augmentation")
-        array, label = self._entry(index, flip)
+        array, cond = self._entry(index, flip)
         x = torch.from_numpy(np.array(array, dtype=np.float32))
         if self.stochastic:
             mean, logvar = x.chunk(2, dim=0)
-            x = sample_moments(mean, logvar, gaussian_noise(mean.shape, generator)) * self.scale_factor
-        return x, torch.tensor(int(label), dtype=torch.int64)
+            x = sample_moments(mean, logvar, gaussian_noise(mean.shape, generator))
+            x = scale_latents(x, self.scale_factor, self.shift_factor)
+        if isinstance(cond, dict):
+            return x, cond_tensors(cond)
+        return x, torch.tensor(int(cond), dtype=torch.int64)
 
     def check_latent_shape(self, expected, model_name="the model"):
         """Raise one UserError when the stored latents do not fit what the model takes."""
@@ -96,6 +112,9 @@ class BaseFeatureStore(torch.utils.data.Dataset):
     def check_num_classes(self, num_classes):
         """Refuse labels the model cannot take: label == num_classes would silently train as the classifier-free
         guidance null class, larger or negative ones would crash mid-training."""
+        if self.conditioning != "class":
+            raise UserError(f"feature store {self.path} holds {self.conditioning} conditioning (captions), not class "
+                            f"labels: a class-conditional model cannot train on it; extract without --captions")
         if self.num_classes is not None and self.num_classes > num_classes:
             raise UserError(f"feature store {self.path} has {self.num_classes} classes but the model has "
                             f"--num-classes {num_classes}: raise --num-classes")
@@ -128,14 +147,17 @@ class FeatureStore(BaseFeatureStore):
         with open(manifest_path) as f:
             self.manifest = json.load(f)
         m = self.manifest
-        if m.get("format_version") != FORMAT_VERSION:
+        if m.get("format_version") not in (FORMAT_VERSION, TEXT_FORMAT_VERSION):
             raise UserError(f"{manifest_path} has format_version {m.get('format_version')}, this code reads "
-                            f"{FORMAT_VERSION}: re-extract the features")
+                            f"{FORMAT_VERSION} and {TEXT_FORMAT_VERSION}: re-extract the features")
         super().__init__(path, m["latent_shape"])
         self.stochastic = m["store"] == "moments"
         self.scale_factor = float(m["scale_factor"])
+        self.shift_factor = float(m.get("shift_factor", 0.0))
         self.has_flips = bool(m["flips"])
-        self.num_classes = int(m["num_classes"])
+        self.conditioning = m.get("conditioning", "class")
+        self.cond_names = tuple(m.get("cond", {}))
+        self.num_classes = int(m["num_classes"]) if self.conditioning == "class" else None
         counts = [s["count"] for s in m["shards"]]
         self._starts = np.cumsum([0] + counts)
         if self._starts[-1] != m["count"]:
@@ -150,20 +172,31 @@ class FeatureStore(BaseFeatureStore):
         return {**self.__dict__, "_shards": [None] * len(self._shards)}
 
     def _shard(self, k):
+        """(latents, labels or {name: conditioning array}) of shard k, memory-mapped."""
         if self._shards[k] is None:
             info = self.manifest["shards"][k]
-            self._shards[k] = (load_npy(os.path.join(self.path, info["latents"]), mmap_mode="r"),
-                               load_npy(os.path.join(self.path, info["labels"]), mmap_mode="r"))
+            read = lambda name: load_npy(os.path.join(self.path, name), mmap_mode="r")  # noqa: E731
+            cond = {n: read(f) for n, f in info["cond"].items()} if "cond" in info else read(info["labels"])
+            self._shards[k] = (read(info["latents"]), cond)
         return self._shards[k]
 
     def _entry(self, index, flip):
         k = int(np.searchsorted(self._starts, index, side="right")) - 1
-        latents, labels = self._shard(k)
+        latents, cond = self._shard(k)
         i = index - self._starts[k]
-        return latents[i, flip], labels[i]
+        return latents[i, flip], ({n: a[i] for n, a in cond.items()} if isinstance(cond, dict) else cond[i])
+
+    def null_cond(self):
+        """The empty prompt's conditioning tensors (no batch dim) of a text store: for caption dropout / CFG."""
+        files = self.manifest.get("null_cond")
+        if not files:
+            raise UserError(f"feature store {self.path} has no null conditioning (it is not a text store)")
+        return cond_tensors({n: load_npy(os.path.join(self.path, f)) for n, f in files.items()})
 
     def labels(self):
         """All labels in index order (int64 array)."""
+        if self.conditioning != "class":
+            raise UserError(f"feature store {self.path} holds captions' conditioning, not class labels")
         return np.concatenate([np.asarray(self._shard(k)[1]) for k in range(len(self._shards))])
 
 
@@ -255,6 +288,12 @@ class MarCacheStore(BaseFeatureStore):
         file, label = self.samples[index]
         with np.load(file) as data:
             return data["moments_flip" if flip else "moments"], label
+
+
+def cond_tensors(arrays):
+    """Stored conditioning arrays -> tensors as the pipelines make them: floats as float32, masks as int64."""
+    return {n: torch.from_numpy(np.array(a, dtype=np.float32 if a.dtype.kind == "f" else np.int64))
+            for n, a in arrays.items()}
 
 
 def _reference_dirs(path):
@@ -367,15 +406,19 @@ def drop_unreadable_images(dataset, bad_images="stop", log=print, scan=unreadabl
     return sorted(dropped)
 
 
-def open_image_folder(path, image_size, downsample=8, random_flip=False, channels=3):
-    """torchvision ImageFolder (sorted classes, sorted files) with the ADM transform and clear errors."""
-    from torchvision.datasets import ImageFolder
-    path = os.path.expanduser(os.fspath(path))
+def _check_image_args(image_size, downsample, channels):
     if image_size % downsample:
         raise UserError(f"--image-size {image_size} is not divisible by {downsample} (the VAE's downsampling): "
                         f"use a multiple of {downsample}, e.g. {max(downsample, image_size // downsample * downsample)}")
     if channels not in (1, 3):
         raise UserError(f"--channels {channels}: use 3 (RGB) or 1 (grayscale)")
+
+
+def open_image_folder(path, image_size, downsample=8, random_flip=False, channels=3):
+    """torchvision ImageFolder (sorted classes, sorted files) with the ADM transform and clear errors."""
+    from torchvision.datasets import ImageFolder
+    path = os.path.expanduser(os.fspath(path))
+    _check_image_args(image_size, downsample, channels)
     if not os.path.isdir(path):
         raise UserError(f"image folder {path} does not exist: pass --data-path <folder with one subfolder per class>")
     try:
@@ -385,3 +428,63 @@ def open_image_folder(path, image_size, downsample=8, random_flip=False, channel
     except FileNotFoundError as e:
         raise UserError(f"{path} is not an ImageFolder ({str(e).splitlines()[0][:120]}): it needs one subfolder "
                         f"per class holding the images (e.g. train/n01440764/x.JPEG)")
+
+
+CAPTION_FIELDS = ("image", "caption")
+
+
+def read_captions(path):
+    """[(image path relative to the data folder, caption)] of a JSONL captions file: one object per line,
+    {"image": "cats/1.jpg", "caption": "a cat on the grass"} (other keys ignored, blank lines skipped)."""
+    path = os.path.expanduser(os.fspath(path))
+    if not os.path.isfile(path):
+        raise UserError(f"captions file {path} does not exist: pass --captions <file.jsonl> with one "
+                        f'{{"image": ..., "caption": ...}} object per line')
+    captions = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    item = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path} line {n} is not JSON ({e.msg}): each line must be one object "
+                                    f'{{"image": ..., "caption": ...}}') from None
+                missing = [k for k in CAPTION_FIELDS if not isinstance(item, dict) or not isinstance(item.get(k), str)]
+                if missing:
+                    raise UserError(f"{path} line {n} has no text field {missing[0]!r}: each line needs "
+                                    f'{{"image": <path relative to --data-path>, "caption": <text>}}')
+                captions.append((item["image"], item["caption"]))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}): save it as UTF-8 JSONL") from None
+    if not captions:
+        raise UserError(f"captions file {path} holds no lines: add one JSON object per image")
+    return captions
+
+
+class CaptionedImages(torch.utils.data.Dataset):
+    """The images a captions file lists, in its order, with the ADM transform: items (image, caption)."""
+
+    def __init__(self, root, captions, transform, loader):
+        self.samples = [(os.path.join(root, rel), text) for rel, text in captions]
+        self.targets = [text for _, text in self.samples]
+        self.transform, self.loader = transform, loader
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        path, caption = self.samples[index]
+        return self.transform(self.loader(path)), caption
+
+
+def open_captioned_images(path, captions_file, image_size, downsample=8, channels=3):
+    """The (image, caption) pairs of `captions_file`, image paths relative to folder `path`."""
+    path = os.path.expanduser(os.fspath(path))
+    _check_image_args(image_size, downsample, channels)
+    if not os.path.isdir(path):
+        raise UserError(f"image folder {path} does not exist: pass --data-path <the folder the captions file's "
+                        f"image paths are relative to>")
+    return CaptionedImages(path, read_captions(captions_file), image_transform(image_size, False, channels),
+                           partial(_load_image, mode="RGB" if channels == 3 else "L"))

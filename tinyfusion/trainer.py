@@ -119,6 +119,13 @@ def step_seed(seed, step, rank=-1):
     return (seed * 1_000_003 + step * 4099 + rank + 1) % (2**63 - 1)
 
 
+def to_device(batch_part, device):
+    """A tensor, or a dict of tensors (text conditioning: prompt embeddings, masks), moved to `device`."""
+    if isinstance(batch_part, dict):
+        return {k: v.to(device, non_blocking=True) for k, v in batch_part.items()}
+    return batch_part.to(device, non_blocking=True)
+
+
 class GlobalBatchSampler:
     """Yields this rank's slice of global batch `step` from `start_step` on.
 
@@ -321,7 +328,7 @@ class Trainer:
         if self.step >= self.total_steps:
             return self
         for _, batch in zip(range(self.step, self.total_steps), self.loader()):
-            x, y = (t.to(rt.device, non_blocking=True) for t in batch)
+            x, y = (to_device(t, rt.device) for t in batch)
             loss, logs = self.train_step(x, y)
             running += loss
             count += 1

@@ -4,10 +4,12 @@ Every object returned by `load_vae` has
   `.encode(x, generator=None)` images in [-1, 1] (B,3,H,W) -> scaled latent *samples* (B,C,H/d,W/d),
   `.moments(x)`                 -> (mean, logvar) of the posterior, unscaled (what MAR caches),
   `.decode(z)`                  scaled latents -> images in [-1, 1],
-  `.scale`, `.downsample` (d), `.latent_channels`, `.in_channels`, `.name`, `.stochastic`.
+  `.scale`, `.shift`, `.downsample` (d), `.latent_channels`, `.in_channels`, `.name`, `.stochastic`,
+  `.default_store` (what extract_features.py writes by default: "latents" or "moments").
 DiT/SiT use the SD VAE: latent = posterior sample x 0.18215 (a sample, not the mean), decode after
-dividing by it. `IdentityVAE` (`--vae none`) treats pixels as the latent (scale 1, d = 1), for the
-tiny pixel-space demo. Loading never needs the network when the weights are in the HF cache or in a
+dividing by it (SD3's VAE also subtracts its shift_factor first). MAR's KL-16 (families/mar.py's
+KL16VAE, the same interface): latent = sample x 0.2325. `IdentityVAE` (`--vae none`) treats pixels
+as the latent (scale 1, d = 1), for the tiny pixel-space demo. Loading never needs the network when the weights are in the HF cache or in a
 local folder; offline misses become one UserError that says how to fix them.
 """
 import os
@@ -23,6 +25,16 @@ SD_SCALE = 0.18215  # sd-vae-ft-{ema,mse}; a local folder's config.scaling_facto
 def sample_moments(mean, logvar, noise):
     """Posterior sample mean + std * noise, with the logvar clamp of LDM/diffusers ([-30, 20])."""
     return mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * noise
+
+
+def scale_latents(z, scale, shift=0.0):
+    """VAE latent -> what the model sees: (z - shift) x scale (shift is 0 except for SD3's VAE)."""
+    return (z - shift) * scale if shift else z * scale
+
+
+def unscale_latents(z, scale, shift=0.0):
+    """The inverse of scale_latents: what the VAE decoder takes."""
+    return z / scale + shift if shift else z / scale
 
 
 def gaussian_noise(shape, generator=None, device="cpu", dtype=torch.float32):
@@ -42,19 +54,13 @@ def gaussian_noise(shape, generator=None, device="cpu", dtype=torch.float32):
     return noise.to(device=device, dtype=dtype)
 
 
-class SDVAE:
-    """A diffusers AutoencoderKL with the latent scale applied on encode and undone on decode."""
+class PosteriorVAE:
+    """What the SD VAE and MAR's KL-16 (tinyfusion/families/mar.py) share: a Gaussian posterior, latent =
+    (sample - shift) x scale. Subclasses set vae, name, scale, downsample, channels; define moments and _decode."""
     stochastic = True
+    shift = 0.0
+    default_store = "latents"
     memory_format = torch.contiguous_format
-
-    def __init__(self, autoencoder, name="AutoencoderKL"):
-        self.vae = autoencoder.eval().requires_grad_(False)
-        cfg = autoencoder.config
-        self.name = name
-        self.scale = float(getattr(cfg, "scaling_factor", None) or SD_SCALE)
-        self.downsample = 2 ** (len(cfg.block_out_channels) - 1)
-        self.latent_channels = int(cfg.latent_channels)
-        self.in_channels = int(cfg.in_channels)
 
     def to(self, device):
         self.vae.to(device)
@@ -74,25 +80,43 @@ class SDVAE:
         return x.to(self.device).contiguous(memory_format=self.memory_format)
 
     @torch.no_grad()
+    def encode(self, x, generator=None):
+        mean, logvar = self.moments(x)
+        noise = gaussian_noise(mean.shape, generator, mean.device, mean.dtype)
+        return scale_latents(sample_moments(mean, logvar, noise), self.scale, self.shift)
+
+    @torch.no_grad()
+    def decode(self, z):
+        return self._decode(unscale_latents(self._input(z), self.scale, self.shift)).clamp(-1, 1).contiguous()
+
+
+class SDVAE(PosteriorVAE):
+    """A diffusers AutoencoderKL with the latent scale (and SD3's shift) applied on encode and undone on decode."""
+
+    def __init__(self, autoencoder, name="AutoencoderKL"):
+        self.vae = autoencoder.eval().requires_grad_(False)
+        cfg = autoencoder.config
+        self.name = name
+        self.scale = float(getattr(cfg, "scaling_factor", None) or SD_SCALE)
+        self.shift = float(getattr(cfg, "shift_factor", None) or 0.0)
+        self.downsample = 2 ** (len(cfg.block_out_channels) - 1)
+        self.latent_channels = int(cfg.latent_channels)
+        self.in_channels = int(cfg.in_channels)
+
+    @torch.no_grad()
     def moments(self, x):
         dist = self.vae.encode(self._input(x)).latent_dist
         return dist.mean.contiguous(), dist.logvar.contiguous()
 
-    @torch.no_grad()
-    def encode(self, x, generator=None):
-        mean, logvar = self.moments(x)
-        noise = gaussian_noise(mean.shape, generator, mean.device, mean.dtype)
-        return sample_moments(mean, logvar, noise) * self.scale
-
-    @torch.no_grad()
-    def decode(self, z):
-        return self.vae.decode(self._input(z) / self.scale).sample.clamp(-1, 1).contiguous()
+    def _decode(self, z):
+        return self.vae.decode(z).sample
 
 
 class IdentityVAE:
     """`--vae none`: the images themselves are the 'latents' (pixel-space datasets, the digits demo)."""
     stochastic = False
-    scale = 1.0
+    scale, shift = 1.0, 0.0
+    default_store = "latents"
     downsample = 1
     name = "none"
 
@@ -140,6 +164,9 @@ def load_vae(name_or_path="ema", device="cpu", channels=3, channels_last=False):
 def _load_vae(name_or_path, device, channels):
     if name_or_path in (None, "none"):
         return IdentityVAE(channels)
+    if os.path.isfile(os.path.expanduser(os.fspath(name_or_path))):
+        raise UserError(f"--vae {name_or_path} is a file, not a diffusers AutoencoderKL folder: for MAR's KL-16 "
+                        f"checkpoint pass a MAR --model (e.g. --model MAR-L)")
     from diffusers.models import AutoencoderKL
     repo = resolve_vae_name(os.fspath(name_or_path))
     if os.path.isdir(os.path.expanduser(repo)):

@@ -123,6 +123,12 @@ class Family:
         """--num-sampling-steps of the fixed-step sampler (fixed_step_sampler_argv) for `passes` denoiser calls."""
         return passes
 
+    def encoder(self, vae, device, channels=3, channels_last=False):
+        """Images -> latents for extract_features.py (tinyfusion/vae.py's interface: encode, moments, decode,
+        scale, default_store, ...): the SD VAE --vae (ema/mse/hub id/folder; None = ema), or none (pixel space)."""
+        from ..vae import load_vae
+        return load_vae("ema" if vae is None else vae, device, channels=channels, channels_last=channels_last)
+
     def decoder(self, vae, device, channels_last=False):
         """Latents -> images in [-1, 1]: the SD VAE --vae (ema/mse/hub id/folder), or none (pixel space)."""
         from ..vae import load_vae

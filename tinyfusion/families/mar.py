@@ -32,6 +32,7 @@ from models import MAR, MAR_models
 from models.layer_mask import model_blocks
 from models.mar import mask_by_order
 from ..download import release_of, resolve
+from ..vae import PosteriorVAE
 from .base import Family, unwrap
 
 VAE_STRIDE, LATENT_CHANNELS = 16, 16  # MAR works on KL-16 latents: 16 channels, image / 16
@@ -202,9 +203,8 @@ class MARSampler:
         if args.num_iter < 1:
             raise UserError(f"--num-iter {args.num_iter} must be at least 1 (MAR's default is 64; 256 for the paper FID)")
         vae = getattr(args, "vae", "")  # checked here, before any model is loaded
-        if vae != "" and not os.path.isfile(str(vae)) and not release_of(str(vae)):
-            raise UserError(f"--vae {vae} is not a file: MAR decodes (and its 16-channel latents only become images) "
-                            f"with its own KL-16 VAE; pass --vae <path to MAR's kl16.ckpt> (or --vae kl16.ckpt: fetched)")
+        if vae != "":
+            check_kl16(vae, "decodes (and its 16-channel latents only become images)")
         self.name = f"iter{args.num_iter}-{args.cfg_schedule}-temp{args.temperature}"
 
     def __call__(self, model, z, y, cfg_scale, use_cfg=True, noise_fn=None, progress=False):
@@ -259,11 +259,47 @@ class MARFamily(Family):
     def sampler(self, args):
         return MARSampler(args)
 
+    def encoder(self, vae, device, channels=3, channels_last=False):
+        """MAR's KL-16: a checkpoint path, or the release kl16.ckpt (fetched; the default, as main_cache.py)."""
+        if vae == "none":
+            return super().encoder(vae, device, channels, channels_last)
+        vae = "kl16.ckpt" if vae is None else os.path.expanduser(os.fspath(vae))
+        check_kl16(vae, "encodes")
+        from models.kl16 import load_kl16
+        path = resolve(vae)
+        kl16 = KL16VAE(load_kl16(path), name=os.path.abspath(path)).to(device)
+        return kl16.use_channels_last() if channels_last else kl16
+
     def decoder(self, vae, device, channels_last=False):
         """KL-16 (a checkpoint path or the release kl16.ckpt, fetched), or none."""
         if vae in (None, "none"):
             return super().decoder(vae, device, channels_last)
-        from models.kl16 import MAR_LATENT_SCALE, load_kl16
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
-        kl16 = load_kl16(resolve(vae)).to(device, memory_format=fmt)
-        return lambda z: kl16.decode((z / MAR_LATENT_SCALE).contiguous(memory_format=fmt)).clamp(-1, 1).contiguous()
+        return self.encoder(vae, device, channels_last=channels_last).decode
+
+
+def check_kl16(vae, what):
+    """--vae must name MAR's KL-16 checkpoint: an existing file or the release kl16.ckpt."""
+    if not os.path.isfile(str(vae)) and not release_of(str(vae)):
+        raise UserError(f"--vae {vae} is not a file: MAR {what} with its own KL-16 VAE; pass --vae <path to MAR's "
+                        f"kl16.ckpt> (or --vae kl16.ckpt: fetched)")
+
+
+class KL16VAE(PosteriorVAE):
+    """MAR's KL-16 (models/kl16.py) behind tinyfusion/vae.py's interface: 16 channels, stride 16, latent = sample
+    x 0.2325. Feature stores default to the posterior moments of the image and its flip, as MAR's main_cache.py."""
+    default_store = "moments"
+
+    def __init__(self, autoencoder, name="kl16"):
+        from models.kl16 import MAR_LATENT_SCALE
+        self.vae = autoencoder.eval().requires_grad_(False)
+        self.name, self.scale = name, MAR_LATENT_SCALE
+        self.downsample, self.latent_channels = autoencoder.stride, autoencoder.embed_dim
+        self.in_channels = autoencoder.encoder.conv_in.in_channels
+
+    @torch.no_grad()
+    def moments(self, x):
+        posterior = self.vae.encode(self._input(x))
+        return posterior.mean.contiguous(), posterior.logvar.contiguous()
+
+    def _decode(self, z):
+        return self.vae.decode(z)
