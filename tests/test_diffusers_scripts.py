@@ -242,3 +242,11 @@ def test_caption_dropout_uses_the_stores_empty_prompt(tmp_path, text_stores):
     null = np.load(f"{text_stores['PixArt']}/null-prompt_attention_mask.npy")
     assert objective.null_cond["prompt_attention_mask"].tolist() == null.tolist()
     assert family_for(args.model).objective((4, 8, 8), args, class_dropout_prob=0.0).null_cond is None
+
+
+def test_sample_scripts_point_to_the_pipeline(tmp_path):
+    from sample import main as sample_main
+    saved("PixArt", tmp_path / "transformer")
+    with pytest.raises(UserError, match="PixArt models sample through their diffusers pipeline"):
+        sample_main(["--model", f"diffusers:{tmp_path / 'transformer'}", "--out", str(tmp_path / "s.png")])
+    assert not (tmp_path / "s.png").exists()
