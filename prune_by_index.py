@@ -13,11 +13,19 @@ import torch
 
 from core.errors import UserError
 from tinyfusion.checkpoint import check_state_dict, read_weights
-from tinyfusion.cli import add_image_args, latent_shape_for
+from tinyfusion.cli import add_image_args, latent_shape_for, require_weights
 from tinyfusion.errors import run_main
 from tinyfusion.families import family_for
 from tinyfusion.outputs import check_output_file
 from tinyfusion.pruning import ORACLE_KEPT, parse_kept_indices, pruned_summary, write_pruned
+
+
+def source_weights(family, args, shape):
+    """The weights to prune: --ckpt, or those in the model's own folder (diffusers)."""
+    require_weights(args.model, args.ckpt, "--ckpt")
+    if args.ckpt:
+        return read_weights(args.ckpt)
+    return family.load(args.model, shape, args.num_classes).state_dict()
 
 
 def main(args):
@@ -36,7 +44,7 @@ def main(args):
         kept = ORACLE_KEPT[depth]
     else:
         kept = parse_kept_indices(args.kept_indices, depth)
-    state_dict = read_weights(args.ckpt)
+    state_dict = source_weights(family, args, shape)
     check_state_dict(model, state_dict, args.model, args.ckpt)  # what load_weights checks, without allocating
     name, record = write_pruned(args.save_model, args.model, args.ckpt, state_dict, model.block_lists, kept,
                                 method=args.preset or "index", model_kwargs=kwargs)
@@ -46,7 +54,8 @@ def main(args):
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=str, default="DiT-XL/2")
-    parser.add_argument("--ckpt", type=str, required=True)
+    parser.add_argument("--ckpt", type=str, default=None,
+                        help="weights to prune (required unless --model is a diffusers:<folder> with its weights)")
     parser.add_argument("--kept-indices", type=str, default=None, help='e.g. "[0, 2, 4, 6]"')
     parser.add_argument("--preset", type=str, choices=["oracle"], default=None,
                         help="oracle: BK-SDM's XL->D14 list [0,2,4,...,12,15,17,...,27]")

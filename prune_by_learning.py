@@ -81,6 +81,7 @@ def main(argv=None):
     store, shape = open_training_data(args, base_name)
     model = create_model(base_name, shape, args.num_classes, args.load_weight)
     groups = parse_groups(groups, model.depth)  # checks sum(M) == depth before anything is trained
+    family.check_groups(model, groups)
     original = read_weights(args.load_weight) if args.load_weight else \
         {k: v.clone() for k, v in model.state_dict().items()}
     layer_mask, param_groups = prepare_mask_learning(model, groups, args.delta_w, args.lora, args.lora_rank,

@@ -18,9 +18,11 @@ the training loss's forward: noised latents, t over all steps, the same t and no
 import argparse
 
 import torch
+from torch.utils._pytree import tree_map
+from torch.utils.data import default_collate
 
 from core.errors import UserError
-from tinyfusion.cli import add_image_args, add_transport_args, latent_shape_for
+from tinyfusion.cli import add_image_args, add_transport_args, latent_shape_for, require_weights
 from tinyfusion.errors import run_main
 from tinyfusion.families import family_for
 from tinyfusion.outputs import check_output_file
@@ -40,15 +42,15 @@ def calibration_batches(args, latent_shape, device, clean=False):
         from tinyfusion.data import open_feature_store
         store = open_feature_store(args.data_path)
         store.check_latent_shape(latent_shape, args.model)
-        store.check_num_classes(args.num_classes)
+        family_for(args.model).check_store(store, args)
         if len(store) < n:
             raise UserError(f"feature store {args.data_path} has {len(store)} latents, fewer than --nsamples {n}: "
                             f"lower it")
         index = torch.randperm(len(store), generator=g)[:n]
         flips = torch.randint(0, 2, (n,), generator=g) if clean and store.has_flips else torch.zeros(n, dtype=torch.long)
         items = [store[(int(i), int(f))] for i, f in zip(index, flips)]
-        xs, ys = torch.stack([x for x, _ in items]), torch.stack([y for _, y in items])
-    batches = [(xs[i:i + args.batch_size].to(device), ys[i:i + args.batch_size].to(device))
+        xs, ys = torch.stack([x for x, _ in items]), default_collate([y for _, y in items])  # labels or text dicts
+    batches = [(xs[i:i + args.batch_size].to(device), tree_map(lambda v: v[i:i + args.batch_size].to(device), ys))
                for i in range(0, n, args.batch_size)]
     if clean:  # the official 250-step respacing's indices, passed raw
         batches = [(x, torch.randint(0, 250, (len(x),), generator=g).to(device), y) for x, y in batches]
@@ -58,6 +60,7 @@ def calibration_batches(args, latent_shape, device, clean=False):
 def main(args):
     check_output_file(args.save_model, "--save-model")
     family = family_for(args.model)
+    require_weights(args.model, args.ckpt, "--ckpt")
     clean = family.score_inputs(args.model, args.method, args.calibration) == "clean"
     if args.nsamples < 1 or args.batch_size < 1:
         raise UserError("--nsamples and --batch-size must be at least 1")
@@ -94,7 +97,8 @@ def main(args):
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=str, default="DiT-XL/2")
-    parser.add_argument("--ckpt", type=str, required=True)
+    parser.add_argument("--ckpt", type=str, default=None,
+                        help="weights to prune (required unless --model is a diffusers:<folder> with its weights)")
     parser.add_argument("--save-model", type=str, required=True)
     parser.add_argument("--n-pruned", type=int, required=True, help="number of blocks to remove")
     parser.add_argument("--method", type=str, choices=SCORE_METHODS, default="bi")

@@ -42,16 +42,16 @@ def main(argv=None):
     args = parser.parse_args(argv)
     check_cfg(args.cfg_scale)
     check_output_file(args.out, "--out")
+    family = family_for(args.model)
+    sampler = family.sampler(args)  # bad sampler flags (or a family sampled elsewhere) fail before any fetch
     ckpt = resolve(args.ckpt or default_checkpoint(args.model, args.image_size, args.num_classes))  # fetched first
     if max(args.class_labels) >= args.num_classes or min(args.class_labels) < 0:
         raise UserError(f"--class-labels must lie in [0, {args.num_classes}) for --num-classes {args.num_classes}")
 
     rt = setup_runtime(args.device)
     seed_everything(args.seed)  # before the model, as the official scripts do (its init draws numbers)
-    family = family_for(args.model)
     shape = latent_shape_for(args)
     model = prepare_denoiser(create_model(args.model, shape, args.num_classes, ckpt).to(rt.device).eval(), args)
-    sampler = family.sampler(args)
     decode = family.decoder(args.vae, rt.device, args.channels_last)
     y = torch.tensor(args.class_labels, device=rt.device)
     z = torch.randn(len(y), *shape, device=rt.device)

@@ -18,7 +18,7 @@ import torch
 
 from core.errors import UserError
 from diffusion import REP_MASKS
-from tinyfusion.cli import add_model_args, add_transport_args, create_model, open_training_data
+from tinyfusion.cli import add_model_args, add_transport_args, create_model, open_training_data, require_weights
 from tinyfusion.errors import run_main
 from tinyfusion.families import family_for
 from tinyfusion.kd import LAYER_MAP_SOURCES, MaskedKDObjective, choose_layer_map
@@ -57,9 +57,8 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     check_train_outputs(args)
-    if not args.load_teacher:
-        raise UserError("--load-teacher is required: the teacher's weights, e.g. DiT-XL-2-256x256.pt (fetched) or a path")
     family = family_for(args.model)
+    require_weights(args.teacher, args.load_teacher, "--load-teacher")  # e.g. DiT-XL-2-256x256.pt
     if family_for(args.teacher) is not family:
         raise UserError(f"teacher {args.teacher} and student {args.model} are different model families")
     rt = setup_runtime(args.device, tf32=args.tf32)
@@ -67,7 +66,8 @@ def main(argv=None):
     store, shape = open_training_data(args, args.model)
     student = create_model(args.model, shape, args.num_classes, args.load_weight)
     teacher = create_model(args.teacher, shape, args.num_classes, args.load_teacher).to(rt.device)
-    record = read_record(args.load_weight) if args.load_weight and not args.layer_map else None
+    source = family.weights_path(args.model, args.load_weight)  # the record lies beside the student's weights
+    record = read_record(source) if source and not args.layer_map else None
     layer_map, origin = choose_layer_map(args.model, student.depth, teacher.depth, args.layer_map,
                                          args.layer_map_source, record)
     if max(s for s, _ in layer_map) >= student.depth:
@@ -81,7 +81,7 @@ def main(argv=None):
     trainer = Trainer(rt, student, objective, store, TrainConfig.from_args(args), results_dir=experiment_dir(args, args.model))
     trainer.logger.info(f"student {args.model} ({student.depth} blocks) <- teacher {args.teacher} "
                         f"({teacher.depth} blocks); layer map {layer_map} from {origin}; beta {beta} -> {args.beta_end}")
-    trainer.fit().finish(args.save_model)
+    trainer.fit().finish(args.save_model, family.save_trained)
 
 
 if __name__ == "__main__":

@@ -374,9 +374,27 @@ class _ZeroGrads(torch.autograd.Function):
 
 
 class _MaskedBlock:
-    """Mixin placed in front of a block's class: out = m*block(x) + (1-m)*x with the per-sample mask m."""
+    """Mixin placed in front of a block's class: out = m*block(x) + (1-m)*x with the per-sample mask m.
 
-    def forward(self, x, *args, **kwargs):
+    x is the block's first argument. A block whose residual stream is something else (diffusers' SD3 blocks
+    take keyword arguments and return (encoder_hidden_states, hidden_states)) carries a `residual_stream`
+    adapter (models/diffusers_t2i.py) that packs its stream into one batch-leading tensor x around the mask."""
+    residual_stream = None
+
+    def forward(self, *args, **kwargs):
+        stream = self.residual_stream
+        if stream is None:
+            return self._masked_forward(*args, **kwargs)
+        x, args, kwargs = stream.pack(self, args, kwargs)
+        return stream.unpack(self, self._masked_forward(x, *args, **kwargs), kwargs)
+
+    def _block(self, x, *args, **kwargs):
+        """The block's own forward, on the (packed) stream x."""
+        forward = super().forward
+        stream = self.residual_stream
+        return forward(x, *args, **kwargs) if stream is None else stream.call(self, forward, x, args, kwargs)
+
+    def _masked_forward(self, x, *args, **kwargs):
         layer_mask, index = self._layer_mask_slot
         m = layer_mask.block_mask(index, x)
         rows = layer_mask.rows(index) if layer_mask.split_forward else None
@@ -386,8 +404,8 @@ class _MaskedBlock:
             if not bool((m != 0).any()):
                 return x
             if bool((m == 1).all()):
-                return super().forward(x, *args, **kwargs)
-        return m * super().forward(x, *args, **kwargs) + (1 - m) * x
+                return self._block(x, *args, **kwargs)
+        return m * self._block(x, *args, **kwargs) + (1 - m) * x
 
     def _split_forward(self, rows, m, x, args, kwargs):
         """The same output and gradients, with autograd only on the samples that keep the block."""
@@ -398,21 +416,28 @@ class _MaskedBlock:
             x_rows = x.index_select(0, rows)
             rows_args = [_samples(a, rows, batch) for a in args]
             rows_kwargs = {k: _samples(v, rows, batch) for k, v in kwargs.items()}
-            return x_rows, super(_MaskedBlock, self).forward(x_rows, *rows_args, **rows_kwargs)
+            return x_rows, self._block(x_rows, *rows_args, **rows_kwargs)
 
         if not dropped.numel():  # every sample keeps the block
-            out = super().forward(x, *args, **kwargs)
+            out = self._block(x, *args, **kwargs)
             return m * out + (1 - m) * x if gate_grad else out
         if not gate_grad:  # the dropped samples' output is x itself: they need not run at all
             return x.index_copy(0, kept, run(kept)[1]) if kept.numel() else x
         if not kept.numel():  # no sample keeps the block: its output is needed as a value only
             with torch.no_grad():
-                f = super().forward(x, *args, **kwargs)
+                f = self._block(x, *args, **kwargs)
             return _ZeroGrads.apply(m * f + (1 - m) * x, *[p for p in self.parameters() if p.requires_grad])
         x_kept, f_kept = run(kept)
         with torch.no_grad():  # the gate gradient needs block(x) - x of the dropped samples, as a value only
             f_dropped = run(dropped)[1]
         return _SplitMix.apply(m, f_kept, f_dropped, x, x_kept, kept, dropped)
+
+
+def block_io(block, args, kwargs, output):
+    """(input, output) residual stream of one block call (forward hook arguments): the block's first argument
+    and its output, or what its `residual_stream` adapter names (diffusers' SD3 blocks: the image tokens)."""
+    stream = getattr(block, "residual_stream", None)
+    return (args[0], output) if stream is None else stream.io(block, args, kwargs, output)
 
 
 _CLASS_CACHE = {}

@@ -2,6 +2,7 @@
 import argparse
 import os
 
+from core.errors import UserError
 from .download import CACHE_ENV, DEFAULT_CACHE
 from .families import family_for
 
@@ -75,8 +76,14 @@ def open_training_data(args, model_name):
     store = open_feature_store(args.data_path)
     shape = latent_shape_for(args, store, model_name)
     store.check_latent_shape(shape, model_name)
-    store.check_num_classes(args.num_classes)
+    family_for(model_name).check_store(store, args)
     return store, shape
+
+
+def require_weights(name, weights, flag):
+    """One line if model `name` needs a weights file `flag` that was not given (a diffusers:<folder> holds its own)."""
+    if not weights and not family_for(name).weights_in_folder:
+        raise UserError(f"{flag} is required for {name}: the weights to use (a path or a release name)")
 
 
 def create_model(name, latent_shape, num_classes, weights=None, **kwargs):

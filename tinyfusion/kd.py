@@ -96,8 +96,9 @@ def parse_layer_map(spec, student_depth, teacher_depth):
 
 
 def _width(model):
-    """Width of the hidden states: the input features of the first block's first Linear (any family)."""
-    return next(m.in_features for m in model_blocks(model)[0].modules() if isinstance(m, torch.nn.Linear))
+    """Width of the hidden states: the input features of the first block's attention projection (qkv, or
+    diffusers' to_q; a diffusers DiT block's first Linear is its 256-wide timestep embedder)."""
+    return next(m.in_features for n, m in model_blocks(model)[0].named_modules() if n.split(".")[-1] in ("qkv", "to_q"))
 
 
 class HiddenStates:

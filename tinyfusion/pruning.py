@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from core.errors import UserError
-from models.layer_mask import LayerMask, attach_layer_mask, detach_layer_mask, model_blocks
+from models.layer_mask import LayerMask, attach_layer_mask, block_io, detach_layer_mask, model_blocks
 from .checkpoint import atomic_path, check_state_dict, save_weights
 
 # BK-SDM "oracle" for XL -> D14 (the README once had 14 instead of 15; this is the fixed list).
@@ -141,8 +141,9 @@ def write_pruned(path, source_model, source_checkpoint, state_dict, block_lists,
     family = family_for(source_model)
     depths = block_depths(state_dict, block_lists)
     kept = parse_kept_indices(list(kept), sum(depths))
+    family.check_kept(state_dict, kept)
     pruned = kept_state_dict(state_dict, block_lists, kept)
-    name = family.pruned_name(source_model, [len(local) for local in split_kept(kept, depths)])
+    name = family.pruned_name(source_model, [len(local) for local in split_kept(kept, depths)], path)
     if model_kwargs is not None:
         with torch.device("meta"):
             check_state_dict(family.registry[name](**model_kwargs), pruned, name, path)
@@ -180,7 +181,7 @@ def _calibration_pass(model, objective, x, y, draws):
         loss, _ = objective.loss(model, x, y, draws, 0)
     finally:
         handle.remove()
-    return loss.float().mean(), captured[0].float()
+    return loss.float().mean(), getattr(captured[0], "sample", captured[0]).float()  # diffusers: .sample
 
 
 def _bi_batch(blocks, run):
@@ -188,11 +189,12 @@ def _bi_batch(blocks, run):
     sims = torch.zeros(len(blocks), dtype=torch.float64)
 
     def hook(i):
-        def record(module, args, output):
-            sims[i] += F.cosine_similarity(args[0].float(), output.float(), dim=-1).mean().item()
+        def record(module, args, kwargs, output):
+            x, out = block_io(module, args, kwargs, output)
+            sims[i] += F.cosine_similarity(x.float(), out.float(), dim=-1).mean().item()
         return record
 
-    handles = [b.register_forward_hook(hook(i)) for i, b in enumerate(blocks)]
+    handles = [b.register_forward_hook(hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
     try:
         run()
     finally:

@@ -176,9 +176,9 @@ def check_args(args):
 
 def sample_fid_batch(args, rt):
     """Run the whole job on runtime `rt`; returns the npz path on rank 0 (None elsewhere)."""
-    check_args(args)
     family = family_for(args.model)
-    sampler = family.sampler(args)  # bad sampler flags fail before anything is loaded
+    sampler = family.sampler(args)  # bad sampler flags (or a family sampled elsewhere) fail before anything is loaded
+    check_args(args)
     shape = latent_shape_for(args)
     folder = os.path.join(args.sample_dir, folder_name(args, sampler.name))
     out_path = args.out or f"{folder}.npz"

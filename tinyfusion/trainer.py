@@ -355,12 +355,16 @@ class Trainer:
             raise UserError(f"no training step was applied ({self.step} steps, all skipped as non-finite): not "
                             f"writing a final model that would equal the initial weights; check the data and --lr")
 
-    def finish(self, save_model=None):
-        """After fit(): optionally write the EMA weights (official plain state dict), then leave the process group."""
+    def finish(self, save_model=None, save=None):
+        """After fit(): optionally write the EMA model with `save(model, path)` (default: the official plain state
+        dict), then leave the process group."""
         if save_model:
             self.check_progress()
         if save_model and self.rt.is_main:
-            save_weights(self.ema.state_dict(), save_model)
+            if save is None:
+                save_weights(self.ema.state_dict(), save_model)
+            else:
+                save(self.ema.model, save_model)
             self.logger.info(f"saved EMA weights to {os.path.abspath(save_model)}")
         self.rt.shutdown()
 

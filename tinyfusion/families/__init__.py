@@ -1,14 +1,15 @@
-"""Model families, one module each (dit.py, sit.py, mar.py); `family_for(name)` picks one.
+"""Model families, one module each (dit.py, sit.py, mar.py, diffusers.py); `family_for(name)` picks one.
 
 Adding a family: one module with a `Family` subclass (base.py), one entry in FAMILIES, its tests.
 """
 from models import UnknownModelError
 from .base import Family, unwrap
+from .diffusers import DiffusersDiTFamily, PixArtFamily, SD3Family
 from .dit import DiTFamily
 from .mar import MARFamily
 from .sit import SiTFamily
 
-FAMILIES = [DiTFamily(), SiTFamily(), MARFamily()]
+FAMILIES = [DiTFamily(), SiTFamily(), MARFamily(), DiffusersDiTFamily(), PixArtFamily(), SD3Family()]
 
 
 def family_for(name):

@@ -36,6 +36,7 @@ class Family:
     fixed_step_sampler_argv = ()  # sampling-script flags for a sampler with exactly --num-sampling-steps steps
     smoke_kwargs = dict(hidden_size=64, num_heads=4)  # constructor keywords: same depth, tiny width (smoke runs)
     weight_key_prefixes = ()     # state-dict keys that mark this family's weights (a clear error for a wrong --model)
+    weights_in_folder = False    # True: a model name is a folder that holds its weights (diffusers), --ckpt optional
 
     # ------------------------------------------------------------------ names and models
 
@@ -60,6 +61,10 @@ class Family:
         if store_vae is None and getattr(args, "vae", None) == "none":  # no store, or one that does not record
             return (getattr(args, "channels", 3), args.image_size, args.image_size)  # its VAE (reference layout)
         return (4, args.image_size // 8, args.image_size // 8)
+
+    def check_store(self, store, args):
+        """UserError if the feature store's conditioning does not fit the model (here: labels in --num-classes)."""
+        store.check_num_classes(args.num_classes)
 
     def model_kwargs(self, name, latent_shape, num_classes):
         """Constructor keywords of model `name` for latents of `latent_shape` (C, H, W)."""
@@ -97,15 +102,31 @@ class Family:
                             f"use --calibration noised")
         return "noised"
 
-    def pruned_name(self, source_name, counts):
+    def weights_path(self, name, weights=None):
+        """The file (or folder) that holds model `name`'s weights: `weights`, or the model's folder."""
+        return weights
+
+    def check_groups(self, model, groups):
+        """UserError if N:M `groups` could drop a block the model cannot lose (none here)."""
+
+    def check_kept(self, state_dict, kept):
+        """UserError if the kept global blocks miss one the model cannot lose (none here)."""
+
+    def pruned_name(self, source_name, counts, path=None):
         """Registry name of the depth-pruned model with counts[i] blocks kept in block list i:
-        DiT-XL/2 + [14] -> 'DiT-D14/2'; DiT-S/2 + [6] -> 'DiT-S-D6/2' (models/registry.py's names)."""
+        DiT-XL/2 + [14] -> 'DiT-D14/2'; DiT-S/2 + [6] -> 'DiT-S-D6/2' (models/registry.py's names);
+        `path` is where it will be written (a family whose models are folders names it by that)."""
         m = re.match(rf"^{self.name}-(?:(S|B|L|XL|Tiny)|(?:(S|B|L|XL|Tiny)-)?D\d+)/(\d+)$", source_name)
         if not m or len(counts) != 1:
             raise UserError(f"cannot name a depth-pruned {source_name!r}: expected a {self.name} registry name such "
                             f"as {self.name}-XL/2 or {self.name}-S/2")
         size = m.group(1) or m.group(2) or "XL"
         return f"{self.name}-{'' if size == 'XL' else size + '-'}D{sum(counts)}/{m.group(3)}"
+
+    def save_trained(self, model, path):
+        """Write a trained model (train_masked_kd.py --save-model): its plain state dict."""
+        from ..checkpoint import save_weights
+        save_weights(model.state_dict(), path)
 
     def export_pruned(self, path, state_dict, record):
         """Write a pruned model: the plain state dict (.pt / .safetensors) and its JSON record beside it."""

@@ -248,7 +248,7 @@ class MARFamily(Family):
                             f"or random")
         return super().score_inputs(model_name, method, calibration)
 
-    def pruned_name(self, source_name, counts):
+    def pruned_name(self, source_name, counts, path=None):
         """MAR-L + 8 encoder / 8 decoder blocks -> 'MAR-L-D16', uneven -> 'MAR-L-E10D6' (models/mar.py's MARRegistry)."""
         m = re.match(r"^MAR-(?:(B|L|H)-?)?(?:D\d+|E\d+D\d+)?$", source_name)
         if not m or len(counts) != 2:
