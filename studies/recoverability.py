@@ -51,22 +51,22 @@ DEPTH = 12
 UPDATES = {"lora": ["--delta-w", "--lora"], "full": ["--delta-w"], "frozen": []}
 # Searches in the order they run (most important first). name: (groups, update, lr, steps, seeds, extra flags)
 SEARCHES = {
+    "1:2 lora lr1e-4": ("1:2", "lora", 1e-4, 1000, [0, 1, 2, 3, 4], []),       # the official rates (gates 1e-3)
     "1:2 lora lr1e-3": ("1:2", "lora", 1e-3, 100, [0, 1, 2, 3, 4], []),          # the demo's rates
-    "1:2 lora lr1e-4": ("1:2", "lora", 1e-4, 300, [0], []),                     # the official rates (gates 1e-3)
+    "1:2 full lr1e-3": ("1:2", "full", 1e-3, 100, [0, 1, 2], []),
+    "1:2 frozen lr1e-3": ("1:2", "frozen", 1e-3, 100, [0, 1, 2], []),
+    "2:4 lora lr1e-3": ("2:4", "lora", 1e-3, 100, [0, 1, 2], []),
+    "2:4 full lr1e-3": ("2:4", "full", 1e-3, 100, [0, 1, 2], []),
+    "2:4 frozen lr1e-3": ("2:4", "frozen", 1e-3, 100, [0, 1, 2], []),
+    "6:12 lora lr1e-3": ("6:12", "lora", 1e-3, 100, [0, 1, 2], []),
+    "6:12 full lr1e-3": ("6:12", "full", 1e-3, 100, [0, 1, 2], []),
+    "6:12 frozen lr1e-3": ("6:12", "frozen", 1e-3, 100, [0, 1, 2], []),
     "1:4 frozen lr1e-3": ("1:4", "frozen", 1e-3, 100, [0], []),
     "1:4 lora lr1e-3": ("1:4", "lora", 1e-3, 100, [0], []),
-    "1:2 full lr1e-3": ("1:2", "full", 1e-3, 100, [0], []),
-    "1:2 frozen lr1e-3": ("1:2", "frozen", 1e-3, 100, [0], []),
-    "2:4 lora lr1e-3": ("2:4", "lora", 1e-3, 100, [0], []),
-    "6:12 lora lr1e-3": ("6:12", "lora", 1e-3, 100, [0], []),
     "1:4 full lr1e-3": ("1:4", "full", 1e-3, 100, [0], []),
     "1:4 lora lr1e-3 gates x1": ("1:4", "lora", 1e-3, 100, [0], ["--gate-lr-mult", "1"]),
     "1:4 lora lr1e-3 scaling 10": ("1:4", "lora", 1e-3, 100, [0], ["--scaling-range", "10", "10"]),
     "1:4 lora lr1e-3 tau 10->1": ("1:4", "lora", 1e-3, 100, [0], ["--tau-range", "10", "1"]),
-    "2:4 full lr1e-3": ("2:4", "full", 1e-3, 100, [0], []),
-    "2:4 frozen lr1e-3": ("2:4", "frozen", 1e-3, 100, [0], []),
-    "6:12 full lr1e-3": ("6:12", "full", 1e-3, 100, [0], []),
-    "6:12 frozen lr1e-3": ("6:12", "frozen", 1e-3, 100, [0], []),
 }
 SCORES = ("bi", "sensitivity", "output-error", "magnitude")
 
@@ -375,16 +375,29 @@ def part_methods(study, methods, rows):
 def settings_of(args):
     kd_defaults = vars(train_masked_kd.build_parser().parse_args(["--data-path", "-", "--load-teacher", "-"]))
     kd_defaults = {k: v for k, v in kd_defaults.items() if k not in ("data_path", "load_teacher")}
-    code = {p: file_sha(os.path.join(ROOT, p)) for p in ("tinyfusion/kd.py", "tinyfusion/mask_learning.py",
-                                                         "models/layer_mask.py", "tinyfusion/trainer.py")}
+    # Each kind of row hashes the code it runs: fine-tuning (KD loss, trainer), searches (mask, trainer).
+    sha = lambda *paths: {p: file_sha(os.path.join(ROOT, p)) for p in paths}  # noqa: E731
+    finetune_code = sha("tinyfusion/kd.py", "tinyfusion/trainer.py", "diffusion/gaussian_diffusion.py",
+                        "diffusion/losses.py")
+    search_code = sha("tinyfusion/mask_learning.py", "models/layer_mask.py", "tinyfusion/trainer.py")
     teacher = file_sha(TEACHER)
     return {
-        "subnets": {"teacher": teacher, "calib_items": args.calib_items, "heldout_repeats": args.heldout_repeats,
-                    "code": code},
+        "subnets": {"teacher": teacher, "calib_items": args.calib_items, "heldout_repeats": args.heldout_repeats},
         "finetune": {"batch": args.batch, "lr": args.lr, "ema_decay": args.ema_decay, "samples": args.samples,
-                     "sampling_steps": args.sampling_steps, "cfg": args.cfg, "kd_defaults": kd_defaults},
-        "methods": {"teacher": teacher, "search_steps": args.search_steps, "code": code},
+                     "sampling_steps": args.sampling_steps, "cfg": args.cfg, "kd_defaults": kd_defaults,
+                     "code": finetune_code},
+        "methods": {"teacher": teacher, "search_steps": args.search_steps, "code": search_code},
     }
+
+
+def git_commit():
+    """The code's commit (recorded beside the settings, not hashed: a new commit alone does not refuse rows)."""
+    import subprocess
+    try:
+        return subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 def build_parser():
@@ -432,7 +445,7 @@ def main(argv=None):
     methods = Rows(os.path.join(args.results, "methods.jsonl"), settings["methods"])
     if args.part != "report":  # a record of the settings behind the rows this run adds
         with open(os.path.join(args.results, f"settings-{rows.hash()}-{methods.hash()}.json"), "w") as f:
-            json.dump(settings, f, indent=1)
+            json.dump({**settings, "commit": git_commit()}, f, indent=1)
     if args.part in ("enumerate", "all"):
         part_enumerate(Study(args), rows)
     if args.part in ("methods", "all"):
