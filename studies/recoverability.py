@@ -363,6 +363,7 @@ def part_methods(study, methods, rows):
     names = [n for n in SEARCHES if not args.searches or n in args.searches]
     todo = [(n, s) for n in names for s in SEARCHES[n][4]
             if methods.find({"search": SEARCHES[n]}, kind="search", name=n, seed=s) is None]
+    todo.sort(key=lambda job: SEARCHES[job[0]][4].index(job[1]))  # seed-major: a partial run has whole tables
     for name, seed in tqdm(todo, desc="searches", disable=args.quiet):
         methods.reload()  # another process may have run it meanwhile (--searches splits the work)
         if methods.find({"search": SEARCHES[name]}, kind="search", name=name, seed=seed) is None:
