@@ -17,7 +17,7 @@ from models.layer_mask import is_preset, parse_groups, resolve_preset
 from tinyfusion.checkpoint import read_weights
 from tinyfusion.cli import add_model_args, create_model, open_training_data
 from tinyfusion.errors import UserError, run_main
-from tinyfusion.mask_learning import MaskLearningObjective, plot_decisions, prepare_mask_learning
+from tinyfusion.mask_learning import GATE_ESTIMATORS, MaskLearningObjective, plot_decisions, prepare_mask_learning
 from tinyfusion.objectives import add_transport_args, make_objective
 from tinyfusion.pruning import pruned_summary, write_pruned
 from tinyfusion.runtime import seed_everything, setup_runtime
@@ -46,6 +46,15 @@ def build_parser():
     g.add_argument("--no-split-forward", dest="split_forward", action="store_false",
                    help="run every block forward and backward for every sample, as the official code does "
                         "(default: autograd only on the samples that keep a block; same losses and gradients)")
+    g.add_argument("--soft-mask-steps", type=int, default=0,
+                   help="ours: the first K steps use the soft Gumbel-softmax sample as the mask (no one-hot, no "
+                        "straight-through; every block runs for every sample then); default 0 = official")
+    g.add_argument("--draws-per-sample", type=int, default=1,
+                   help="ours: evaluate each sample under K independent mask draws (batch repeated K times, "
+                        "losses averaged; K times the compute); default 1 = official")
+    g.add_argument("--gate-estimator", choices=GATE_ESTIMATORS, default="st",
+                   help="gradient of the gate logits: st = straight-through Gumbel (official); score-function = "
+                        "REINFORCE on the drawn options' losses with a leave-one-out baseline (ours)")
     return parser
 
 
@@ -78,7 +87,8 @@ def main(argv=None):
                                                      args.lora_alpha, args.lr, args.gate_lr_mult, args.lora_scope)
     layer_mask.split_forward = args.split_forward
     objective = MaskLearningObjective(make_objective(family, shape, args), layer_mask, args.tau_range,
-                                      args.scaling_range)
+                                      args.scaling_range, args.soft_mask_steps, args.draws_per_sample,
+                                      args.gate_estimator)
     out_dir = claim_run_dir(os.path.join(args.results_dir, f"{args.prefix}-{base_name.replace('/', '-')}"), args.resume)
     trainer = Trainer(rt, model, objective, store, args, param_groups=param_groups, results_dir=out_dir)
     objective.ema_mask = trainer.ema.model.layer_mask

@@ -19,6 +19,11 @@ input, conditioning) are the same, while the backward pass and the saved activat
 shrink by about half. A block's tensor arguments whose leading dimension is the batch (DiT's c) are
 taken to be per-sample and split with x; with dropout inside the blocks (MAR) the random draws fall
 differently across the two halves, so results are then equal in distribution, not bit for bit.
+Passes whose masks are not all 0 or 1 (soft masks, pinned fractions) run the official formulation.
+
+Gate estimators (ours, off by default): `soft` masks are the Gumbel-softmax sample itself (continuous,
+pathwise gradient); with `straight_through` off the hard masks carry no gate gradient and `log_prob` gives
+the drawn options' log-probability for a score-function estimator (tinyfusion.mask_learning).
 
 `attach_layer_mask` keeps every parameter name (blocks are re-classed, not wrapped), so LoRA,
 EMA (deepcopy) and DDP work unchanged; the mask itself lives at `model.layer_mask`.
@@ -145,10 +150,15 @@ class LayerMask(nn.Module):
         self._rows_of, self._rows = None, {}  # per-block (kept, dropped) sample indices of `current`
         self._pinned = None   # set by the `masks` context
         self.generator = None  # optional torch.Generator for the Gumbel noise drawn in forward passes
+        # Gate estimators (ours; the defaults are the official straight-through hard masks):
+        self.soft = False  # True: the mask is the soft Gumbel-softmax sample itself (no one-hot)
+        self.straight_through = True  # False: hard masks carry no gate gradient (a score-function term does)
+        self.drawn = None  # (B, G) option index of every sample and group in the last sampled pass
 
     def __getstate__(self):
         # deepcopy (EMA copies) must not carry the in-flight masks: they are non-leaf graph tensors.
-        return {**super().__getstate__(), "current": None, "generator": None, "_rows_of": None, "_rows": {}}
+        return {**super().__getstate__(), "current": None, "generator": None, "_rows_of": None, "_rows": {},
+                "drawn": None}
 
     @property
     def depth(self):
@@ -193,9 +203,20 @@ class LayerMask(nn.Module):
         exp = torch.empty((batch_size, *logits.shape), device=logits.device).exponential_(generator=generator)
         gumbel = -exp.clamp_min(torch.finfo(exp.dtype).tiny).log()
         soft = torch.softmax((logits + gumbel) / self.tau, dim=-1)
-        hard = F.one_hot(soft.argmax(-1), soft.shape[-1]).to(soft.dtype)
+        self.drawn = soft.argmax(-1)  # distributed as softmax(logits * scaling) whatever tau is (Gumbel-max)
+        if self.soft:
+            return self._masks_from_onehot(soft)
+        hard = F.one_hot(self.drawn, soft.shape[-1]).to(soft.dtype)
+        if not self.straight_through:
+            return self._masks_from_onehot(hard)
         # Straight-through: exactly `hard` in value (soft - soft.detach() is exactly 0), softmax gradient.
         return self._masks_from_onehot(hard + (soft - soft.detach()))
+
+    def log_prob(self):
+        """(B,) log-probability of the options drawn in the last sampled pass, summed over groups, as a function
+        of the logits (for a score-function gradient)."""
+        log_p = torch.log_softmax(self._padded_logits(), dim=-1)  # (G, Cmax)
+        return log_p.gather(1, self.drawn.t()).sum(0)
 
     def decision(self):
         """Kept global block indices (argmax option of every group), ascending."""
@@ -253,6 +274,7 @@ class LayerMask(nn.Module):
 
     def draw(self, batch_size):
         """Set this pass's masks: the pinned ones, else a fresh sample."""
+        self.drawn = None
         self.current = self._pinned.expand(batch_size, -1) if self._pinned is not None else \
             self.sample(batch_size, self.generator)
         return self.current
@@ -265,14 +287,24 @@ class LayerMask(nn.Module):
         return m.view(-1, *([1] * (x.dim() - 1)))
 
     def rows(self, index):
-        """(kept, dropped): index tensors of the samples that keep / drop global block `index` in this pass."""
+        """(kept, dropped): index tensors of the samples that keep / drop global block `index` in this pass;
+        None when this pass's masks are not all 0 or 1 to rounding (soft masks or pinned fractions: the split
+        would treat every m > 0 as 1)."""
         if self._rows_of is not self.current:  # one host copy of the masks per pass (one sync on a GPU)
-            self._rows_of, self._rows = self.current, {"keep": self.current.detach().to("cpu") != 0}
+            host = self.current.detach().to("cpu")
+            binary = bool(torch.minimum(host.abs(), (host - 1).abs()).max() <= BINARY_TOLERANCE)
+            self._rows_of, self._rows = self.current, {"keep": host != 0, "binary": binary}
+        if not self._rows["binary"]:
+            return None
         if index not in self._rows:
             keep, device = self._rows["keep"][:, index], self.current.device
             self._rows[index] = tuple(torch.nonzero(k).flatten().to(device) for k in (keep, ~keep))
         return self._rows[index]
 
+
+# A mask within this of 0 or 1 counts as hard for the split forward (masks built as hard + soft - soft.detach()
+# can be an ulp off 1, which changes the result only by rounding).
+BINARY_TOLERANCE = 1e-6
 
 # Methods that start a pass through the blocks: each one draws fresh masks. MAR routes every pass
 # (training, KD features, each sampling step) through `forward_pass`; DiT/SiT through `forward`.
@@ -342,8 +374,9 @@ class _MaskedBlock:
     def forward(self, x, *args, **kwargs):
         layer_mask, index = self._layer_mask_slot
         m = layer_mask.block_mask(index, x)
-        if layer_mask.split_forward:
-            return self._split_forward(layer_mask.rows(index), m, x, args, kwargs)
+        rows = layer_mask.rows(index) if layer_mask.split_forward else None
+        if rows is not None:
+            return self._split_forward(rows, m, x, args, kwargs)
         if not m.requires_grad:  # pinned / eval / no_grad: skipping is exact because the block is residual
             if not bool((m != 0).any()):
                 return x

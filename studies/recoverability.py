@@ -67,6 +67,11 @@ SEARCHES = {
     "1:4 lora lr1e-3 gates x1": ("1:4", "lora", 1e-3, 100, [0], ["--gate-lr-mult", "1"]),
     "1:4 lora lr1e-3 scaling 10": ("1:4", "lora", 1e-3, 100, [0], ["--scaling-range", "10", "10"]),
     "1:4 lora lr1e-3 tau 10->1": ("1:4", "lora", 1e-3, 100, [0], ["--tau-range", "10", "1"]),
+    # the 1:4 block-0 puzzle (README section 5): gate estimators other than straight-through (ours)
+    "1:4 lora lr1e-3 soft 20": ("1:4", "lora", 1e-3, 100, [0], ["--soft-mask-steps", "20"]),
+    "1:4 lora lr1e-3 draws 4": ("1:4", "lora", 1e-3, 100, [0], ["--draws-per-sample", "4"]),
+    "1:4 lora lr1e-3 score-function": ("1:4", "lora", 1e-3, 100, [0], ["--gate-estimator", "score-function"]),
+    "1:4 frozen lr1e-3 score-function": ("1:4", "frozen", 1e-3, 100, [0], ["--gate-estimator", "score-function"]),
 }
 SCORES = ("bi", "sensitivity", "output-error", "magnitude")
 

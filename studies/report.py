@@ -374,12 +374,12 @@ def gate_signal_section(args):
     path = os.path.join(args.results, "gate_signal.json")
     if not os.path.isfile(path):
         return ["## First-step gate signal", "", "`studies/gate_signal.py` not run.", ""]
-    from studies.gate_signal import path_table, table
+    from studies.gate_signal import estimator_name, path_table, table
     with open(path) as f:
         data = json.load(f)
     lines = ["## First-step gate signal (`studies/gate_signal.py`)", ""]
     for pattern, groups in data["patterns"].items():
-        lines += table(pattern, groups) + [""]
+        lines += table(pattern, groups, estimator_name(data["settings"])) + [""]
     if "loss_along_mask" in data:
         lines += path_table(data["mask_values"], data["loss_along_mask"]) + [""]
     return lines
