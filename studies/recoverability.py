@@ -72,6 +72,7 @@ SEARCHES = {
     "1:4 lora lr1e-3 draws 4": ("1:4", "lora", 1e-3, 100, [0], ["--draws-per-sample", "4"]),
     "1:4 lora lr1e-3 score-function": ("1:4", "lora", 1e-3, 100, [0], ["--gate-estimator", "score-function"]),
     "1:4 frozen lr1e-3 score-function": ("1:4", "frozen", 1e-3, 100, [0], ["--gate-estimator", "score-function"]),
+    "1:2 lora lr1e-3 score-function": ("1:2", "lora", 1e-3, 100, [0, 1, 2], ["--gate-estimator", "score-function"]),
 }
 SCORES = ("bi", "sensitivity", "output-error", "magnitude")
 
