@@ -431,7 +431,7 @@ def build_parser():
     parser.add_argument("--calib-items", type=int, default=512)
     parser.add_argument("--heldout-repeats", type=int, default=2)
     parser.add_argument("--worker", default="0/1", help="i/n: this process does every n-th subnet (from i)")
-    parser.add_argument("--scores", nargs="+", default=list(SCORES), choices=SCORES, help="score baselines to run")
+    parser.add_argument("--scores", nargs="*", default=list(SCORES), choices=SCORES, help="score baselines to run")
     parser.add_argument("--searches", nargs="*", default=None, help="only these SEARCHES names (tests)")
     parser.add_argument("--search-steps", type=int, default=None, help="override every search's length (tests)")
     parser.add_argument("--quiet", action="store_true")
