@@ -205,9 +205,12 @@ class Study:
         return out
 
     def subnet(self, kept, pattern, budget):
-        """One row: calibration loss after pruning, and the quality after `budget` fine-tuning steps."""
+        """One row: calibration loss after pruning, and the quality after `budget` fine-tuning steps; None when
+        another live process is fine-tuning this subnet."""
         start = time.time()
         folder = os.path.join(self.work, "subnets", pattern.replace(":", "-"), "-".join(map(str, kept)))
+        if budget and not claim_finetune(os.path.join(folder, f"ft{budget}")):
+            return None
         name, pruned = self.prune(kept, pattern, folder)
         model = create_model(name, (1, 8, 8), 10, pruned)
         row = {"pattern": pattern, "kept": list(kept), "budget": budget,
@@ -221,6 +224,23 @@ class Study:
         return row
 
 
+def claim_finetune(folder):
+    """Free `folder` for a new fine-tuning run: False when a live process holds its run lock (the trainer
+    flocks <run>/.lock while it lives), else any leftover of a killed run is removed (rows are only written
+    when a subnet is finished, so nothing measured is lost)."""
+    import fcntl
+    lock = os.path.join(folder, "kd", ".lock")
+    if os.path.isfile(lock):
+        with open(lock, "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            fcntl.flock(f, fcntl.LOCK_UN)
+    shutil.rmtree(folder, ignore_errors=True)
+    return True
+
+
 def run_subnets(study, rows, jobs, desc):
     """Evaluate (kept, pattern, budget) jobs not yet in `rows`, with a progress bar. Budget-0 rows (calibration
     and held-out loss right after pruning) do not depend on the fine-tuning and sampling settings."""
@@ -230,7 +250,10 @@ def run_subnets(study, rows, jobs, desc):
     for kept, pattern, budget in bar:
         rows.reload()  # another process may have done it meanwhile
         if rows.find(own(budget), kept=list(kept), pattern=pattern, budget=budget) is None:
-            row = rows.add(study.subnet(kept, pattern, budget), own(budget))
+            row = study.subnet(kept, pattern, budget)
+            if row is None:  # another process is on it
+                continue
+            row = rows.add(row, own(budget))
             bar.set_postfix(kept=",".join(map(str, kept)), FID=f"{row.get('FID', float('nan')):.1f}")
 
 
@@ -251,6 +274,8 @@ def part_enumerate(study, rows):
     for pattern in args.patterns[1:]:
         others = all_subnets(pattern)
         others = [others[j] for j in rng.permutation(len(others))][:args.limit]
+        if args.reverse:  # a second process working from the other end of the same list
+            others = others[::-1]
         run_subnets(study, rows, [(k, pattern, 0) for k in others][i::n], f"{pattern} calibration loss")
         run_subnets(study, rows, [(k, pattern, main_budget) for k in others][i::n],
                     f"{pattern} x {main_budget} steps")
@@ -434,6 +459,8 @@ def build_parser():
     parser.add_argument("--scores", nargs="*", default=list(SCORES), choices=SCORES, help="score baselines to run")
     parser.add_argument("--searches", nargs="*", default=None, help="only these SEARCHES names (tests)")
     parser.add_argument("--search-steps", type=int, default=None, help="override every search's length (tests)")
+    parser.add_argument("--reverse", action="store_true", help="enumerate the patterns after the first from "
+                                                                "the end (a second process sharing the work)")
     parser.add_argument("--quiet", action="store_true")
     return parser
 
