@@ -52,27 +52,28 @@ DEPTH = 12
 UPDATES = {"lora": ["--delta-w", "--lora"], "full": ["--delta-w"], "frozen": []}
 # Searches in the order they run (most important first). name: (groups, update, lr, steps, seeds, extra flags)
 SEARCHES = {
+    "1:2 lora lr1e-4": ("1:2", "lora", 1e-4, 1000, [0, 1, 2, 3, 4], []),       # the official rates (gates 1e-3)
     "1:2 lora lr1e-3": ("1:2", "lora", 1e-3, 100, [0, 1, 2, 3, 4], []),          # the demo's rates
-    "1:2 lora lr1e-4": ("1:2", "lora", 1e-4, 300, [0], []),                     # the official rates (gates 1e-3)
+    "1:2 full lr1e-3": ("1:2", "full", 1e-3, 100, [0, 1, 2], []),
+    "1:2 frozen lr1e-3": ("1:2", "frozen", 1e-3, 100, [0, 1, 2], []),
+    "2:4 lora lr1e-3": ("2:4", "lora", 1e-3, 100, [0, 1, 2], []),
+    "2:4 full lr1e-3": ("2:4", "full", 1e-3, 100, [0, 1, 2], []),
+    "2:4 frozen lr1e-3": ("2:4", "frozen", 1e-3, 100, [0, 1, 2], []),
+    "6:12 lora lr1e-3": ("6:12", "lora", 1e-3, 100, [0, 1, 2], []),
+    "6:12 full lr1e-3": ("6:12", "full", 1e-3, 100, [0, 1, 2], []),
+    "6:12 frozen lr1e-3": ("6:12", "frozen", 1e-3, 100, [0, 1, 2], []),
     "1:4 frozen lr1e-3": ("1:4", "frozen", 1e-3, 100, [0], []),
     "1:4 lora lr1e-3": ("1:4", "lora", 1e-3, 100, [0], []),
-    "1:2 full lr1e-3": ("1:2", "full", 1e-3, 100, [0], []),
-    "1:2 frozen lr1e-3": ("1:2", "frozen", 1e-3, 100, [0], []),
-    "2:4 lora lr1e-3": ("2:4", "lora", 1e-3, 100, [0], []),
-    "6:12 lora lr1e-3": ("6:12", "lora", 1e-3, 100, [0], []),
     "1:4 full lr1e-3": ("1:4", "full", 1e-3, 100, [0], []),
     "1:4 lora lr1e-3 gates x1": ("1:4", "lora", 1e-3, 100, [0], ["--gate-lr-mult", "1"]),
     "1:4 lora lr1e-3 scaling 10": ("1:4", "lora", 1e-3, 100, [0], ["--scaling-range", "10", "10"]),
     "1:4 lora lr1e-3 tau 10->1": ("1:4", "lora", 1e-3, 100, [0], ["--tau-range", "10", "1"]),
-    "2:4 full lr1e-3": ("2:4", "full", 1e-3, 100, [0], []),
-    "2:4 frozen lr1e-3": ("2:4", "frozen", 1e-3, 100, [0], []),
-    "6:12 full lr1e-3": ("6:12", "full", 1e-3, 100, [0], []),
-    "6:12 frozen lr1e-3": ("6:12", "frozen", 1e-3, 100, [0], []),
     # the 1:4 block-0 puzzle (README section 5): gate estimators other than straight-through (ours)
     "1:4 lora lr1e-3 soft 20": ("1:4", "lora", 1e-3, 100, [0], ["--soft-mask-steps", "20"]),
     "1:4 lora lr1e-3 draws 4": ("1:4", "lora", 1e-3, 100, [0], ["--draws-per-sample", "4"]),
     "1:4 lora lr1e-3 score-function": ("1:4", "lora", 1e-3, 100, [0], ["--gate-estimator", "score-function"]),
     "1:4 frozen lr1e-3 score-function": ("1:4", "frozen", 1e-3, 100, [0], ["--gate-estimator", "score-function"]),
+    "1:2 lora lr1e-3 score-function": ("1:2", "lora", 1e-3, 100, [0, 1, 2], ["--gate-estimator", "score-function"]),
 }
 SCORES = ("bi", "sensitivity", "output-error", "magnitude")
 
@@ -205,9 +206,12 @@ class Study:
         return out
 
     def subnet(self, kept, pattern, budget):
-        """One row: calibration loss after pruning, and the quality after `budget` fine-tuning steps."""
+        """One row: calibration loss after pruning, and the quality after `budget` fine-tuning steps; None when
+        another live process is fine-tuning this subnet."""
         start = time.time()
         folder = os.path.join(self.work, "subnets", pattern.replace(":", "-"), "-".join(map(str, kept)))
+        if budget and not claim_finetune(os.path.join(folder, f"ft{budget}")):
+            return None
         name, pruned = self.prune(kept, pattern, folder)
         model = create_model(name, (1, 8, 8), 10, pruned)
         row = {"pattern": pattern, "kept": list(kept), "budget": budget,
@@ -221,6 +225,23 @@ class Study:
         return row
 
 
+def claim_finetune(folder):
+    """Free `folder` for a new fine-tuning run: False when a live process holds its run lock (the trainer
+    flocks <run>/.lock while it lives), else any leftover of a killed run is removed (rows are only written
+    when a subnet is finished, so nothing measured is lost)."""
+    import fcntl
+    lock = os.path.join(folder, "kd", ".lock")
+    if os.path.isfile(lock):
+        with open(lock, "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            fcntl.flock(f, fcntl.LOCK_UN)
+    shutil.rmtree(folder, ignore_errors=True)
+    return True
+
+
 def run_subnets(study, rows, jobs, desc):
     """Evaluate (kept, pattern, budget) jobs not yet in `rows`, with a progress bar. Budget-0 rows (calibration
     and held-out loss right after pruning) do not depend on the fine-tuning and sampling settings."""
@@ -230,7 +251,10 @@ def run_subnets(study, rows, jobs, desc):
     for kept, pattern, budget in bar:
         rows.reload()  # another process may have done it meanwhile
         if rows.find(own(budget), kept=list(kept), pattern=pattern, budget=budget) is None:
-            row = rows.add(study.subnet(kept, pattern, budget), own(budget))
+            row = study.subnet(kept, pattern, budget)
+            if row is None:  # another process is on it
+                continue
+            row = rows.add(row, own(budget))
             bar.set_postfix(kept=",".join(map(str, kept)), FID=f"{row.get('FID', float('nan')):.1f}")
 
 
@@ -251,6 +275,8 @@ def part_enumerate(study, rows):
     for pattern in args.patterns[1:]:
         others = all_subnets(pattern)
         others = [others[j] for j in rng.permutation(len(others))][:args.limit]
+        if args.reverse:  # a second process working from the other end of the same list
+            others = others[::-1]
         run_subnets(study, rows, [(k, pattern, 0) for k in others][i::n], f"{pattern} calibration loss")
         run_subnets(study, rows, [(k, pattern, main_budget) for k in others][i::n],
                     f"{pattern} x {main_budget} steps")
@@ -369,6 +395,7 @@ def part_methods(study, methods, rows):
     names = [n for n in SEARCHES if not args.searches or n in args.searches]
     todo = [(n, s) for n in names for s in SEARCHES[n][4]
             if methods.find({"search": SEARCHES[n]}, kind="search", name=n, seed=s) is None]
+    todo.sort(key=lambda job: SEARCHES[job[0]][4].index(job[1]))  # seed-major: a partial run has whole tables
     for name, seed in tqdm(todo, desc="searches", disable=args.quiet):
         methods.reload()  # another process may have run it meanwhile (--searches splits the work)
         if methods.find({"search": SEARCHES[name]}, kind="search", name=name, seed=seed) is None:
@@ -381,18 +408,30 @@ def part_methods(study, methods, rows):
 def settings_of(args):
     kd_defaults = vars(train_masked_kd.build_parser().parse_args(["--data-path", "-", "--load-teacher", "-"]))
     kd_defaults = {k: v for k, v in kd_defaults.items() if k not in ("data_path", "load_teacher")}
-    # the code behind the rows: DiT's objective and official KD terms (families/dit.py), KD, search, training loop
-    code = {p: file_sha(os.path.join(ROOT, p)) for p in ("tinyfusion/families/dit.py", "tinyfusion/kd.py",
-                                                         "tinyfusion/mask_learning.py", "models/layer_mask.py",
-                                                         "tinyfusion/trainer.py")}
+    # Each kind of row hashes the code it runs: fine-tuning (DiT's objective and official KD terms in
+    # families/dit.py, KD, trainer), searches (mask, trainer).
+    sha = lambda *paths: {p: file_sha(os.path.join(ROOT, p)) for p in paths}  # noqa: E731
+    finetune_code = sha("tinyfusion/families/dit.py", "tinyfusion/kd.py", "tinyfusion/trainer.py",
+                        "diffusion/gaussian_diffusion.py", "diffusion/losses.py")
+    search_code = sha("tinyfusion/mask_learning.py", "models/layer_mask.py", "tinyfusion/trainer.py")
     teacher = file_sha(TEACHER)
     return {
-        "subnets": {"teacher": teacher, "calib_items": args.calib_items, "heldout_repeats": args.heldout_repeats,
-                    "code": code},
+        "subnets": {"teacher": teacher, "calib_items": args.calib_items, "heldout_repeats": args.heldout_repeats},
         "finetune": {"batch": args.batch, "lr": args.lr, "ema_decay": args.ema_decay, "samples": args.samples,
-                     "sampling_steps": args.sampling_steps, "cfg": args.cfg, "kd_defaults": kd_defaults},
-        "methods": {"teacher": teacher, "search_steps": args.search_steps, "code": code},
+                     "sampling_steps": args.sampling_steps, "cfg": args.cfg, "kd_defaults": kd_defaults,
+                     "code": finetune_code},
+        "methods": {"teacher": teacher, "search_steps": args.search_steps, "code": search_code},
     }
+
+
+def git_commit():
+    """The code's commit (recorded beside the settings, not hashed: a new commit alone does not refuse rows)."""
+    import subprocess
+    try:
+        return subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 def build_parser():
@@ -419,9 +458,11 @@ def build_parser():
     parser.add_argument("--calib-items", type=int, default=512)
     parser.add_argument("--heldout-repeats", type=int, default=2)
     parser.add_argument("--worker", default="0/1", help="i/n: this process does every n-th subnet (from i)")
-    parser.add_argument("--scores", nargs="+", default=list(SCORES), choices=SCORES, help="score baselines to run")
+    parser.add_argument("--scores", nargs="*", default=list(SCORES), choices=SCORES, help="score baselines to run")
     parser.add_argument("--searches", nargs="*", default=None, help="only these SEARCHES names (tests)")
     parser.add_argument("--search-steps", type=int, default=None, help="override every search's length (tests)")
+    parser.add_argument("--reverse", action="store_true", help="enumerate the patterns after the first from "
+                                                                "the end (a second process sharing the work)")
     parser.add_argument("--quiet", action="store_true")
     return parser
 
@@ -440,7 +481,7 @@ def main(argv=None):
     methods = Rows(os.path.join(args.results, "methods.jsonl"), settings["methods"])
     if args.part != "report":  # a record of the settings behind the rows this run adds
         with open(os.path.join(args.results, f"settings-{rows.hash()}-{methods.hash()}.json"), "w") as f:
-            json.dump(settings, f, indent=1)
+            json.dump({**settings, "commit": git_commit()}, f, indent=1)
     if args.part in ("enumerate", "all"):
         part_enumerate(Study(args), rows)
     if args.part in ("methods", "all"):

@@ -269,34 +269,64 @@ def dynamics_section(args, methods, rows, pop, plt, summary):
     if len(pop) >= 4:
         values = [p["FID"] for p in pop.values()]
         calib = population(rows, "1:2", 0)
-        fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
+        heldout = [p["heldout_loss"] for p in pop.values()]
+        fig, axes = plt.subplots(1, 3, figsize=(16, 3.8))
         for r in searches:
             if r["pattern"] != "1:2" or r["update"] != "lora":
                 continue
-            steps, fid_pct, cal_pct = [], [], []
+            steps, fid_pct, held_pct, cal_pct = [], [], [], []
             for step, mask, _ in r["history"]:
                 kept = tuple(i for i, m in enumerate(mask) if m)
-                if kept in pop:
+                if kept in pop and kept in calib:
                     steps.append(step)
                     fid_pct.append(percentile(pop[kept]["FID"], values))
+                    held_pct.append(percentile(pop[kept]["heldout_loss"], heldout))
                     cal_pct.append(percentile(calib[kept]["calib_loss"], [c["calib_loss"] for c in calib.values()]))
             style = "-" if "1e-3" in r["name"] else "--"
-            axes[0].plot(steps, fid_pct, style, label=f"{r['name']} s{r['seed']}")
-            axes[1].plot(steps, cal_pct, style, label=f"{r['name']} s{r['seed']}")
+            for ax, y in zip(axes, (fid_pct, held_pct, cal_pct)):
+                ax.plot(steps, y, style, drawstyle="steps-post", label=f"{r['name']} s{r['seed']}")
         axes[0].set_ylabel("percentile of the decision\n(recovered FID, 100 = best)")
-        axes[1].set_ylabel("percentile of the decision\n(calibration loss, 100 = lowest)")
+        axes[1].set_ylabel("percentile of the decision\n(recovered held-out loss, 100 = best)")
+        axes[2].set_ylabel("percentile of the decision\n(calibration loss, 100 = lowest)")
         for ax in axes:
             ax.set_xlabel("search step")
             ax.set_ylim(-3, 103)
-        if axes[1].get_legend_handles_labels()[0]:
-            axes[1].legend(fontsize=7)
+        if axes[2].get_legend_handles_labels()[0]:
+            axes[2].legend(fontsize=6.5, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.suptitle("1:2 LoRA searches: where the current decision ranks, step by step", fontsize=10)
         fig.tight_layout()
         fig.savefig(os.path.join(args.figures, "search_length_curve.png"), dpi=80)
         plt.close(fig)
         lines += ["", "![search length](../figures/search_length_curve.png)"]
+        lines += search_length_table(searches, pop, summary)
     lines += lockin_lines(args, searches, plt, summary)
     return lines + [""]
+
+
+def search_length_table(searches, pop, summary):
+    """Mean percentile (over seeds) of the decision a 1:2 LoRA search would return if stopped at step s."""
+    names = sorted({r["name"] for r in searches if r["pattern"] == "1:2" and r["update"] == "lora"})
+    lines = ["", "If the search stopped at step s: mean over seeds of the decision's percentile (recovered FID / "
+                 "held-out loss, 100 = best) and the distinct decisions:", "",
+             "| search | seeds | step | FID pct | held-out pct | decisions (count) |", "|---|---|---|---|---|---|"]
+    summary["search_length"] = {}
+    for name in names:
+        runs = [r for r in searches if r["name"] == name]
+        last = min(r["history"][-1][0] for r in runs)
+        for stop in [s for s in (10, 50, 100, 200, 300, 400, 500, 700, 1000) if s <= last]:
+            kept = []
+            for r in runs:
+                mask = [m for step, m, _ in r["history"] if step <= stop][-1]
+                kept.append(tuple(i for i, v in enumerate(mask) if v))
+            if not all(k in pop for k in kept):
+                continue
+            fid = np.mean([percentile(pop[k]["FID"], [p["FID"] for p in pop.values()]) for k in kept])
+            held = np.mean([percentile(pop[k]["heldout_loss"], [p["heldout_loss"] for p in pop.values()]) for k in kept])
+            counts = {k: kept.count(k) for k in dict.fromkeys(kept)}
+            summary["search_length"][f"{name}@{stop}"] = {"FID_pct": fid, "heldout_pct": held}
+            lines.append(f"| {name} | {len(runs)} | {stop} | {fid:.0f} | {held:.0f} | " +
+                         "; ".join(f"{list(k)} ({c})" for k, c in counts.items()) + " |")
+    return lines
 
 
 def lockin_lines(args, searches, plt, summary):
@@ -356,26 +386,44 @@ def gate_signal_section(args):
 
 
 def patterns_section(args, methods, rows, pop, budget, summary):
-    """Paper Table 4 in miniature: pattern x weight-update mode (seed 0)."""
+    """Paper Table 4 in miniature: pattern x weight-update mode, every seed, then the mean over seeds."""
     from studies.recoverability import fits
+    runs = [r for r in methods if r["kind"] == "search" and r["pattern"] != "1:4" and r["lr"] == 1e-3
+            and not r["extra"]]
     lines = ["## Pruning patterns x weight-update modes (paper Table 4)", "",
-             f"Search {sorted({r['steps'] for r in methods if r['kind'] == 'search' and r['lr'] == 1e-3})} steps "
-             f"(lr 1e-3, gates 1e-2, batch 64, seed 0), then {budget} masked-KD steps. Percentile "
-             f"against the {len(pop)} enumerated 1:2 subnets (for 2:4 / 6:12 picks outside 1:2: where they would rank).",
-             "", "| pattern | update | decision | in 1:2 family | calib. loss | recovered FID (pct) | class acc. |",
-             "|---|---|---|---|---|---|---|"]
+             f"Search {sorted({r['steps'] for r in runs})} steps (lr 1e-3, gates 1e-2, batch 64), then {budget} "
+             f"masked-KD steps. Percentiles (pct, 100 = best) against the {len(pop)} enumerated 1:2 subnets (for "
+             f"2:4 / 6:12 picks outside 1:2: where they would rank). Mean over seeds (each seed's value in brackets).",
+             "", "| pattern | update | seeds | decisions | in 1:2 family | recovered FID (pct) | held-out loss (pct) | "
+                 "class acc. |", "|---|---|---|---|---|---|---|---|"]
     table = []
-    for r in methods:
-        if r["kind"] != "search" or r["seed"] != 0 or r["pattern"] == "1:4" or r["lr"] != 1e-3 or r["extra"]:
-            continue
-        row, c = find_row(rows, r["kept"], budget), find_row(rows, r["kept"], 0)
-        fid = "not run" if not row or not pop else \
-            f"{row['FID']:.2f} ({percentile(row['FID'], [p['FID'] for p in pop.values()]):.0f})"
-        acc = f"{row['class_acc']:.3f}" if row else "not run"
-        calib = f"{(c or row)['calib_loss']:.4f}" if (c or row) else "n/a"
-        lines.append(f"| {r['pattern']} | {r['update']} | {r['kept']} | {fits(r['kept'], '1:2')} | {calib} | {fid} | "
-                     f"{acc} |")
-        table.append({"pattern": r["pattern"], "update": r["update"], "kept": r["kept"]})
+    groups = {}
+    for r in runs:
+        groups.setdefault((r["pattern"], r["update"]), []).append(r)
+    for (pattern, update), group in groups.items():
+        group = sorted(group, key=lambda r: r["seed"])
+        got = [(r, find_row(rows, r["kept"], budget)) for r in group]
+        done = [(r, row) for r, row in got if row]
+        entry = {"pattern": pattern, "update": update, "seeds": [r["seed"] for r in group],
+                 "kept": [r["kept"] for r in group]}
+        cells = []
+        for key, lower in (("FID", True), ("heldout_loss", True)):
+            if not done or not pop:
+                cells.append("not run")
+                continue
+            values = [row[key] for _, row in done]
+            pcts = [percentile(v, [p[key] for p in pop.values()], lower_is_better=lower) for v in values]
+            entry[key], entry[key + "_pct"] = values, pcts
+            fmt = ".1f" if key == "FID" else ".4f"
+            cells.append(f"{np.mean(values):{fmt}} ({np.mean(pcts):.0f}) [" +
+                         ", ".join(f"{p:.0f}" for p in pcts) + "]")
+        acc = [row["class_acc"] for _, row in done]
+        entry["class_acc"] = acc
+        cells.append(f"{np.mean(acc):.3f}" if acc else "not run")
+        decisions = "; ".join(str(r["kept"]) for r in group)
+        in12 = f"{sum(fits(r['kept'], '1:2') for r in group)}/{len(group)}"
+        lines.append(f"| {pattern} | {update} | {len(group)} | {decisions} | {in12} | " + " | ".join(cells) + " |")
+        table.append(entry)
     summary["patterns"] = table
     return lines + [""]
 
