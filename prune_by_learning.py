@@ -90,7 +90,7 @@ def main(argv=None):
     objective = MaskLearningObjective(family.objective(shape, args), layer_mask, args.tau_range,
                                       args.scaling_range, args.soft_mask_steps, args.draws_per_sample,
                                       args.gate_estimator)
-    out_dir = claim_run_dir(os.path.join(args.results_dir, f"{args.prefix}-{base_name.replace('/', '-')}"), args.resume)
+    out_dir = claim_run_dir(os.path.join(args.results_dir, f"{args.prefix}-{family.run_name(base_name)}"), args.resume)
     trainer = Trainer(rt, model, objective, store, TrainConfig.from_args(args), param_groups=param_groups, results_dir=out_dir)
     objective.ema_mask = trainer.ema.model.layer_mask
     total = sum(p.numel() for p in model.parameters() if not p.requires_grad)

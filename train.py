@@ -40,7 +40,7 @@ def main(argv=None):
     model = create_model(args.model, shape, args.num_classes, args.load_weight)
     objective = family.objective(shape, args)
     trainer = Trainer(rt, model, objective, store, TrainConfig.from_args(args), param_groups=family.param_groups(model, args),
-                      results_dir=experiment_dir(args, args.model))
+                      results_dir=experiment_dir(args, family.run_name(args.model)))
     trainer.logger.info(f"{args.model}: {sum(p.numel() for p in model.parameters()):,} parameters, "
                         f"{len(store):,} training latents from {args.data_path}")
     trainer.fit().finish(args.save_model)

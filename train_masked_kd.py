@@ -78,7 +78,7 @@ def main(argv=None):
                                   args.alpha_kd, args.alpha_diff, beta, args.beta_end, args.mask_std,
                                   teacher_dtype=torch.bfloat16 if args.teacher_precision == "bf16" else None,
                                   rep_mask=args.rep_mask, kd_channels=args.kd_channels)
-    trainer = Trainer(rt, student, objective, store, TrainConfig.from_args(args), results_dir=experiment_dir(args, args.model))
+    trainer = Trainer(rt, student, objective, store, TrainConfig.from_args(args), results_dir=experiment_dir(args, family.run_name(args.model)))
     trainer.logger.info(f"student {args.model} ({student.depth} blocks) <- teacher {args.teacher} "
                         f"({teacher.depth} blocks); layer map {layer_map} from {origin}; beta {beta} -> {args.beta_end}")
     trainer.fit().finish(args.save_model, family.save_trained)

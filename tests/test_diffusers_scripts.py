@@ -1,5 +1,6 @@
 """The pruning and KD scripts on diffusers transformers (--model diffusers:<folder>), tiny models, in-process."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -131,6 +132,9 @@ def test_prune_by_learning_and_masked_kd_on_diffusers_dit(tmp_path, dit_store):
              "--results-dir", str(tmp_path / "kd"), "--save-model", str(tmp_path / "recovered")])
     recovered = diffusers.DiTTransformer2DModel.from_pretrained(tmp_path / "recovered")
     assert recovered.config.num_layers == 2
+    # run folders are named after the family and the model folder, not the folder's whole path
+    assert sorted(os.listdir(tmp_path / "runs")) == ["learn_mask-diffusers-DiT-transformer"]
+    assert sorted(os.listdir(tmp_path / "kd")) == ["000-diffusers-DiT-pruned"]
     changed = [k for k, v in recovered.state_dict().items() if not torch.equal(v, student.state_dict()[k])]
     assert changed  # trained (the EMA moved)
 

@@ -47,6 +47,10 @@ class Family:
     def owns_state_dict(self, state_dict):
         return any(k.startswith(p) for k in state_dict for p in self.weight_key_prefixes)
 
+    def run_name(self, name):
+        """`name` as part of a run folder's name (no path separators)."""
+        return name.replace("/", "-")
+
     def describe(self):
         """A few valid model names, for the unknown-model message."""
         return f"{self.name}: {', '.join(list(self.registry)[:6])}, ..."

@@ -163,6 +163,10 @@ class DiffusersFamily(Family):
     def describe(self):
         return f"{self.name}: diffusers:<folder> holding a {self.class_name}"
 
+    def run_name(self, name):
+        """'PixArt-<folder name>' rather than the whole path of `diffusers:<folder>`."""
+        return f"{self.name}-{os.path.basename(os.path.normpath(t2i.spec_folder(name))) or 'model'}"
+
     def config(self, name):
         import diffusers
         folder = t2i.transformer_folder(t2i.spec_folder(name))[0]
