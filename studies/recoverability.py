@@ -442,7 +442,7 @@ def build_parser():
     parser.add_argument("--figures", default=os.path.join(ROOT, "studies", "figures"))
     parser.add_argument("--work", default=os.path.join(ROOT, "outputs", "studies"), help="scratch: subnets, logs")
     parser.add_argument("--patterns", nargs="+", default=["1:2", "1:4"])
-    parser.add_argument("--budgets", type=int, nargs="+", default=[50, 200],
+    parser.add_argument("--budgets", type=int, nargs="+", default=[50, 200, 1000],
                         help="fine-tuning steps: the first on every subnet, the others on --subset subnets")
     parser.add_argument("--subset", type=int, default=8, help="1:2 subnets (spread over calibration loss) for "
                                                                "the further budgets")
