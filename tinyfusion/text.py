@@ -11,15 +11,16 @@ import os
 import torch
 
 from core.errors import UserError
+from .families import FAMILIES
 
-# Pipeline class -> ({tensor name: position in encode_prompt's returned tuple}, extra encode_prompt arguments).
-PIXART = ({"prompt_embeds": 0, "prompt_attention_mask": 1}, {})
-TEXT_PIPELINES = {
-    "PixArtAlphaPipeline": PIXART,
-    "PixArtSigmaPipeline": PIXART,
-    # SD3's prompt_2 / prompt_3 (for its second CLIP and T5) None = the same caption, as its __call__ does.
-    "StableDiffusion3Pipeline": ({"prompt_embeds": 0, "pooled_prompt_embeds": 2}, {"prompt_2": None, "prompt_3": None}),
-}
+
+def text_pipelines():
+    """Pipeline class name -> ({tensor name: position in encode_prompt's returned tuple}, extra encode_prompt
+    arguments), as the text families declare them (tinyfusion/families/diffusers.py)."""
+    return {cls: (fam.prompt_outputs, fam.encode_prompt_args)
+            for fam in FAMILIES for cls in getattr(fam, "pipeline_classes", ())}
+
+
 TEXT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TEXT_PARTS = ("tokenizer", "text_encoder")  # model_index.json entries starting with these are loaded
 
@@ -30,7 +31,7 @@ class PromptEncoder:
     def __init__(self, pipeline, folder, max_sequence_length, dtype):
         self.pipeline, self.folder, self.dtype = pipeline, folder, dtype
         self.class_name = type(pipeline).__name__
-        self.outputs, self.extra_args = TEXT_PIPELINES[self.class_name]
+        self.outputs, self.extra_args = text_pipelines()[self.class_name]
         self.max_sequence_length = max_sequence_length
 
     @property
@@ -62,8 +63,8 @@ def _read_index(folder):
         raise UserError(f"--pipeline {folder} is not a diffusers pipeline folder ({path}: "
                         f"{str(e).splitlines()[0][:100]}): pass the folder that holds model_index.json") from None
     name = index.get("_class_name")
-    if name not in TEXT_PIPELINES:
-        raise UserError(f"--pipeline {folder} is a {name}; text encoding supports {', '.join(TEXT_PIPELINES)}")
+    if name not in text_pipelines():
+        raise UserError(f"--pipeline {folder} is a {name}; text encoding supports {', '.join(text_pipelines())}")
     return index
 
 

@@ -246,8 +246,16 @@ class DiffusersDiTFamily(DiffusersFamily):
 
 
 class TextFamily(DiffusersFamily):
-    """A text-conditioned transformer: trains on a text store (extract_features.py --captions) holding `cond_names`."""
-    cond_names = ()
+    """A text-conditioned transformer: trains on a text store (extract_features.py --captions) holding `cond_names`:
+    what its pipelines' `encode_prompt` returns at `prompt_outputs` (name: position in the returned tuple), called
+    with `encode_prompt_args` (tinyfusion/text.py)."""
+    pipeline_classes = ()
+    prompt_outputs = {}
+    encode_prompt_args = {}
+
+    @property
+    def cond_names(self):
+        return tuple(self.prompt_outputs)
 
     def check_store(self, store, args):
         names = tuple(getattr(store, "cond_names", ()))
@@ -259,12 +267,16 @@ class TextFamily(DiffusersFamily):
 
 class PixArtFamily(TextFamily):
     name, class_name = "PixArt", "PixArtTransformer2DModel"
-    cond_names = ("prompt_embeds", "prompt_attention_mask")
+    pipeline_classes = ("PixArtAlphaPipeline", "PixArtSigmaPipeline")
+    prompt_outputs = {"prompt_embeds": 0, "prompt_attention_mask": 1}
 
 
 class SD3Family(TextFamily):
     name, class_name = "SD3", "SD3Transformer2DModel"
-    cond_names = ("prompt_embeds", "pooled_prompt_embeds")
+    pipeline_classes = ("StableDiffusion3Pipeline",)
+    prompt_outputs = {"prompt_embeds": 0, "pooled_prompt_embeds": 2}
+    # prompt_2 / prompt_3 (its second CLIP and T5) None = the same caption, as the pipeline's __call__ does
+    encode_prompt_args = {"prompt_2": None, "prompt_3": None}
 
     def objective(self, latent_shape, args=None, class_dropout_prob=0.1):
         model = getattr(args, "model", None)
