@@ -250,3 +250,24 @@ def test_draws_per_sample_equals_separate_runs_with_those_draws():
         separate.append(loss.detach())
     assert torch.allclose(per_sample.detach(), torch.stack(separate).mean(0), atol=1e-6)
     assert torch.allclose(grad, model.blocks[1].mlp.fc1.weight.grad, atol=1e-6)
+
+
+def test_draws_per_sample_repeats_dict_conditioning():
+    """Text families pass a dict of conditioning tensors: each is repeated with the batch, the rest unchanged."""
+    seen = {}
+
+    class Recorder:
+        def loss(self, model, x, cond, draws, step):
+            seen.update(x=x, cond=cond, draws=draws)
+            return x.flatten(1).sum(1), {}
+
+    mask = LayerMask([(1, 2)])
+    objective = MaskLearningObjective(Recorder(), mask, draws_per_sample=3)
+    objective.begin_step(0, 10)
+    x = torch.arange(4.0).view(2, 2)
+    cond = {"prompt_embeds": torch.tensor([[1.0, 2.0], [3.0, 4.0]]), "prompt_attention_mask": torch.tensor([[1, 0], [1, 1]])}
+    per_sample, _ = objective.loss(None, x, cond, {"t": torch.tensor([5, 7]), "shift": torch.tensor(3.0)}, 0)
+    assert torch.equal(seen["cond"]["prompt_embeds"], cond["prompt_embeds"].repeat(3, 1))
+    assert torch.equal(seen["cond"]["prompt_attention_mask"], cond["prompt_attention_mask"].repeat(3, 1))
+    assert seen["draws"]["t"].tolist() == [5, 7] * 3 and float(seen["draws"]["shift"]) == 3.0
+    assert torch.equal(per_sample, x.sum(1))  # the K copies' losses averaged back to one per sample

@@ -14,7 +14,7 @@ import torch
 
 from tiny_text import pixart_pipeline, save_random_image, sd3_pipeline
 from tinyfusion.data import open_captioned_images, open_feature_store, open_image_folder
-from tinyfusion.errors import UserError
+from core.errors import UserError
 from tinyfusion.features import extract_features, image_seed
 from tinyfusion.runtime import Runtime
 from tinyfusion.trainer import GlobalBatchSampler, TrainConfig, Trainer

@@ -54,6 +54,16 @@ def prepare_mask_learning(model, groups, delta_w=True, lora=True, lora_rank=8, l
     return layer_mask, groups_out
 
 
+def _repeat_batch(value, n, k):
+    """`value` with every per-sample tensor (leading dimension n) repeated k times along it; dicts (draws, text
+    conditioning) entry by entry, anything else unchanged."""
+    if isinstance(value, dict):
+        return {name: _repeat_batch(v, n, k) for name, v in value.items()}
+    if torch.is_tensor(value) and value.dim() and value.shape[0] == n:
+        return value.repeat(k, *[1] * (value.dim() - 1))
+    return value
+
+
 class MaskLearningObjective:
     """Wraps a base objective; schedules tau/scaling and records the EMA decision over time."""
 
@@ -84,9 +94,7 @@ class MaskLearningObjective:
     def loss(self, model, x, y, draws, step):
         k, n = self.draws_per_sample, x.shape[0]
         if k > 1:  # K copies of the batch in one pass: the layer mask draws each copy's masks independently
-            x, y = (t.repeat(k, *[1] * (t.dim() - 1)) for t in (x, y))
-            draws = {name: v.repeat(k, *[1] * (v.dim() - 1)) if v.dim() and v.shape[0] == n else v
-                     for name, v in draws.items()}
+            x, y, draws = _repeat_batch(x, n, k), _repeat_batch(y, n, k), _repeat_batch(draws, n, k)
         per_sample, logs = self.base.loss(model, x, y, draws, step)
         if self.score_function and not self.mask.soft:
             per_sample = per_sample + self.score_function_term(per_sample)
